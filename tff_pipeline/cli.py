@@ -1,0 +1,103 @@
+"""absl glue shared by the scripts: flags from a config dataclass, and a main
+wrapper that turns user mistakes into one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+
+from absl import app, flags, logging
+
+HELP = {
+    "task": "Task to train: keyboard.",
+    "output_dir": "Run directory for config.json, metrics.csv, privacy_report.*, saved_model/.",
+    "rounds": "Federated rounds to run (planned; the accountant counts rounds actually run).",
+    "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",
+    "sampling": "Client sampling: poisson (q = clients_per_round/population) or fixed (without replacement).",
+    "noise_multiplier": "Total Gaussian noise multiplier z (McMahan et al. 2018; includes the adaptive-clipping "
+                        "share, Andrew et al. 2021). 0 = no DP. Default 0 unless --target_epsilon is given.",
+    "target_epsilon": "Calibrate z with dp_accounting so that ε <= this after --rounds rounds at --delta.",
+    "delta": "δ of the (ε, δ) guarantee; keep it well below 1/population.",
+    "initial_clip": "Initial L2 clip norm C_0 of adaptive clipping (Andrew et al. 2021).",
+    "target_unclipped_quantile": "Target fraction γ of client updates left unclipped (Andrew et al. 2021).",
+    "clip_learning_rate": "Learning rate η_C of the geometric clip update (Andrew et al. 2021).",
+    "clipped_count_stddev": "Noise stddev σ_b on the clipped count (Andrew et al. 2021). Default 0.05 x "
+                            "clients_per_round; z must stay below 2 σ_b.",
+    "client_learning_rate": "Client SGD learning rate.",
+    "server_optimizer": "Server optimizer: adam or sgdm.",
+    "server_learning_rate": "Server optimizer learning rate.",
+    "server_momentum": "Server momentum (sgdm).",
+    "batch_size": "Client batch size.",
+    "local_epochs": "Local epochs per round.",
+    "max_client_examples": "At most this many examples per client per round (a fresh random subset each round).",
+    "seed": "Seed for data splits and client sampling.",
+    "eval_every": "Evaluate on held-out data every N rounds.",
+    "vocab_size": "Vocabulary size (keyboard), from public sources.",
+    "seq_len": "Sequence length in words (keyboard).",
+    "model_dim": "Model width.",
+    "heads": "Attention heads.",
+    "layers": "Transformer blocks.",
+    "ff_dim": "Feed-forward width.",
+}
+
+
+def define_flags(config_cls) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        t = hints[f.name]
+        base = [a for a in typing.get_args(t) if a is not type(None)][0] if typing.get_origin(t) is typing.Union else t
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+                  bool: flags.DEFINE_boolean}[base]
+        define(f.name, f.default, HELP.get(f.name, f.name))
+
+
+def config_from_flags(config_cls, flag_values):
+    return config_cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(config_cls)})
+
+
+def check_no_extra_args(argv) -> None:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a --flag (see --help)")
+
+
+class UserError(Exception):
+    pass
+
+
+def user_error_types() -> tuple[type, ...]:
+    from tff_pipeline.config import ConfigError
+    from tff_pipeline.privacy import PrivacyConfigError
+    from tff_pipeline.task import TaskError
+
+    return (UserError, ConfigError, PrivacyConfigError, TaskError)
+
+
+def main(fn, needs_tensorflow: bool = True) -> None:
+    """app.run(fn), printing user mistakes as one line with exit code 2 and
+    always stopping TFF's worker processes.
+
+    TensorFlow is imported before absl parses flags: imported for the first
+    time inside ``app.run``, Keras 2.14 builds functional models from graph
+    tensors and fails ("'SymbolicTensor' object has no attribute 'node'").
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if needs_tensorflow:
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
+    logging.set_verbosity(logging.WARNING)
+
+    def wrapped(argv):
+        try:
+            return fn(argv)
+        except user_error_types() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            from tff_pipeline import runtime
+
+            runtime.stop_workers()
+
+    app.run(wrapped)

@@ -1,0 +1,96 @@
+"""Training configuration: one frozen dataclass, validated with errors that
+name the flag, its value and the fix. The library never reads absl FLAGS."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    task: str = "keyboard"
+    output_dir: str = "runs/keyboard"
+    rounds: int = 100
+    # Privacy (see tff_pipeline.privacy.PrivacyConfig for the meaning).
+    clients_per_round: int = 20
+    sampling: str = "poisson"
+    noise_multiplier: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    delta: float = 1e-5
+    # Adaptive clipping, Andrew et al. 2021 (https://arxiv.org/abs/1905.03871):
+    # initial clip C_0, target unclipped quantile γ, clip learning rate η_C
+    # (geometric update C <- C·exp(-η_C (b̃ - γ))), clipped-count noise σ_b.
+    initial_clip: float = 0.1
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: Optional[float] = None
+    # Optimisation.
+    client_learning_rate: float = 0.5
+    server_optimizer: str = "adam"
+    server_learning_rate: float = 0.003
+    server_momentum: float = 0.9
+    batch_size: int = 16
+    local_epochs: int = 1
+    max_client_examples: int = 64
+    seed: int = 0
+    eval_every: int = 10
+    # Model / data shape (keyboard).
+    vocab_size: int = 10000
+    seq_len: int = 20
+    model_dim: int = 96
+    heads: int = 4
+    layers: int = 1
+    ff_dim: int = 192
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.rounds >= 1, f"--rounds={self.rounds} must be at least 1")
+        need(self.clients_per_round >= 1, f"--clients_per_round={self.clients_per_round} must be at least 1")
+        need(0 < self.delta < 1, f"--delta={self.delta} must be in (0, 1); use e.g. 1e-5 (below 1/population)")
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ConfigError("give either --noise_multiplier or --target_epsilon, not both")
+        if self.noise_multiplier is not None:
+            need(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+                 f"--noise_multiplier={self.noise_multiplier} must be a finite number >= 0 (0 means no DP)")
+        if self.target_epsilon is not None:
+            need(self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
+                 f"--target_epsilon={self.target_epsilon} must be a finite number > 0")
+        need(self.sampling in ("poisson", "fixed"), f"--sampling={self.sampling!r} must be poisson or fixed")
+        need(self.initial_clip > 0, f"--initial_clip={self.initial_clip} must be > 0")
+        need(0 <= self.target_unclipped_quantile <= 1,
+             f"--target_unclipped_quantile={self.target_unclipped_quantile} must be in [0, 1]")
+        need(self.clip_learning_rate >= 0, f"--clip_learning_rate={self.clip_learning_rate} must be >= 0")
+        need(self.client_learning_rate > 0, f"--client_learning_rate={self.client_learning_rate} must be > 0")
+        need(self.server_learning_rate > 0, f"--server_learning_rate={self.server_learning_rate} must be > 0")
+        need(self.server_optimizer in ("adam", "sgdm"),
+             f"--server_optimizer={self.server_optimizer!r} must be adam or sgdm")
+        for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",
+                     "model_dim", "heads", "layers", "ff_dim"):
+            v = getattr(self, name)
+            need(v >= 1, f"--{name}={v} must be at least 1")
+        need(self.model_dim % self.heads == 0,
+             f"--model_dim={self.model_dim} must be divisible by --heads={self.heads}")
+
+    @property
+    def noise_is_calibrated(self) -> bool:
+        return self.target_epsilon is not None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_json(path: str) -> TrainConfig:
+    with open(path) as f:
+        d = json.load(f)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in fields})

@@ -1,0 +1,273 @@
+"""Privacy configuration, client sampler and RDP accounting as pure functions.
+
+Everything the accountant is told comes from one :class:`PrivacyConfig`: the
+client sampler the training loop uses (:meth:`PrivacyConfig.sampler`) and the
+``DpEvent`` the accountant composes (:func:`round_event`) are built from the
+same fields, so they cannot disagree.
+
+This module never imports TensorFlow Federated: privacy planning stays fast.
+
+References:
+  * DP-FedAvg, user-level DP: McMahan et al. 2018, "Learning Differentially
+    Private Recurrent Language Models", https://arxiv.org/abs/1710.06963.
+  * Adaptive clipping: Andrew et al. 2021, "Differentially Private Learning
+    with Adaptive Clipping", https://arxiv.org/abs/1905.03871.
+  * RDP of the sampled Gaussian mechanism: Mironov 2017
+    (https://arxiv.org/abs/1702.07476), Mironov, Talwar, Zhang 2019
+    (https://arxiv.org/abs/1908.10530); sampling without replacement:
+    Wang, Balle, Kasiviswanathan 2019 (https://arxiv.org/abs/1808.00087).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+import dp_accounting
+from dp_accounting import dp_event as dpe
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+SAMPLING_SCHEMES = ("poisson", "fixed")
+
+
+class PrivacyConfigError(ValueError):
+    """A privacy setting is invalid; the message names the flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Everything that determines the privacy guarantee of a DP-FedAvg run.
+
+    Attributes:
+      population: number of clients that can be sampled (the training clients).
+      clients_per_round: expected (Poisson) or exact (fixed) cohort size.
+      noise_multiplier: z, the total noise multiplier of the Gaussian
+        mechanism relative to the clip norm, including the share spent on the
+        private quantile estimate of adaptive clipping (Andrew et al. 2021,
+        Sec. 3.1; TFF's ``gaussian_adaptive``). 0 means no DP.
+      delta: the δ of the reported (ε, δ).
+      sampling: "poisson" (each client joins each round independently with
+        q = clients_per_round / population; neighbouring = add/remove one
+        client) or "fixed" (exactly clients_per_round clients drawn without
+        replacement; neighbouring = replace one client).
+      clipped_count_stddev: σ_b of the noise on the clipped-client count in
+        adaptive clipping (Andrew et al. 2021, Alg. 1). None uses TFF's default
+        0.05 × clients_per_round.
+    """
+
+    population: int
+    clients_per_round: int
+    noise_multiplier: float
+    delta: float
+    sampling: str = "poisson"
+    clipped_count_stddev: Optional[float] = None
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def sampling_probability(self) -> float:
+        return self.clients_per_round / self.population
+
+    @property
+    def is_private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    @property
+    def effective_clipped_count_stddev(self) -> float:
+        if not self.is_private:
+            return 0.0
+        if self.clipped_count_stddev is not None:
+            return self.clipped_count_stddev
+        return 0.05 * self.clients_per_round
+
+    @property
+    def neighboring_relation(self) -> str:
+        return "add or remove one client" if self.sampling == "poisson" else "replace one client"
+
+    def sampler(self, seed: int) -> "ClientSampler":
+        return ClientSampler(self, seed)
+
+
+def validate(cfg: PrivacyConfig) -> None:
+    """Raises PrivacyConfigError naming the flag, its value and the fix."""
+    if cfg.population < 1:
+        raise PrivacyConfigError(f"population={cfg.population}: the task has no training clients")
+    if cfg.clients_per_round < 1:
+        raise PrivacyConfigError(f"--clients_per_round={cfg.clients_per_round} must be at least 1")
+    if cfg.clients_per_round > cfg.population:
+        raise PrivacyConfigError(
+            f"--clients_per_round={cfg.clients_per_round} exceeds the population of "
+            f"{cfg.population} training clients; use at most {cfg.population}"
+        )
+    if not (cfg.noise_multiplier >= 0 and math.isfinite(cfg.noise_multiplier)):
+        raise PrivacyConfigError(
+            f"--noise_multiplier={cfg.noise_multiplier} must be a finite number >= 0 (0 means no DP)"
+        )
+    if not (0 < cfg.delta < 1):
+        raise PrivacyConfigError(f"--delta={cfg.delta} must be in (0, 1); use e.g. 1/population or smaller")
+    if cfg.sampling not in SAMPLING_SCHEMES:
+        raise PrivacyConfigError(f"--sampling={cfg.sampling!r} must be one of {', '.join(SAMPLING_SCHEMES)}")
+    if cfg.clipped_count_stddev is not None and cfg.clipped_count_stddev < 0:
+        raise PrivacyConfigError(f"--clipped_count_stddev={cfg.clipped_count_stddev} must be >= 0")
+    check_adaptive_clipping(cfg.noise_multiplier, cfg.clients_per_round, cfg.clipped_count_stddev)
+
+
+def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, clipped_count_stddev: Optional[float]) -> None:
+    """Adaptive clipping splits z between the update and the clipped count.
+
+    The update gets z_u = (z^-2 - (2 σ_b)^-2)^-1/2 (Andrew et al. 2021, Thm 1),
+    which exists only if z < 2 σ_b.
+    """
+    if noise_multiplier <= 0:
+        return
+    sb = 0.05 * clients_per_round if clipped_count_stddev is None else clipped_count_stddev
+    if noise_multiplier >= 2 * sb:
+        need = noise_multiplier / 2 * 1.25
+        raise PrivacyConfigError(
+            f"--noise_multiplier={noise_multiplier} is too large for adaptive clipping with "
+            f"clipped_count_stddev={sb:g} (must be < 2 x clipped_count_stddev); set "
+            f"--clipped_count_stddev to e.g. {need:.3g}, raise --clients_per_round to at least "
+            f"{math.floor(noise_multiplier / 0.1) + 1}, or lower --noise_multiplier"
+        )
+
+
+def update_noise_multiplier(cfg: PrivacyConfig) -> float:
+    """The noise multiplier actually applied to the clipped updates."""
+    if not cfg.is_private:
+        return 0.0
+    sb = cfg.effective_clipped_count_stddev
+    return (cfg.noise_multiplier**-2 - (2 * sb) ** -2) ** -0.5
+
+
+class ClientSampler:
+    """Draws each round's cohort exactly as the accountant assumes.
+
+    The draw for round r depends only on (seed, r), so a resumed run draws
+    the same cohorts.
+    """
+
+    def __init__(self, cfg: PrivacyConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+
+    def sample(self, round_num: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, round_num, 0x5A3])
+        n = self.cfg.population
+        if self.cfg.sampling == "poisson":
+            return np.flatnonzero(rng.random(n) < self.cfg.sampling_probability)
+        return np.sort(rng.choice(n, size=self.cfg.clients_per_round, replace=False))
+
+
+def round_event(cfg: PrivacyConfig) -> dpe.DpEvent:
+    """The DpEvent of one DP-FedAvg round with this config's sampler."""
+    if not cfg.is_private:
+        return dpe.NonPrivateDpEvent()
+    gaussian = dpe.GaussianDpEvent(cfg.noise_multiplier)
+    if cfg.sampling == "poisson":
+        return dpe.PoissonSampledDpEvent(cfg.sampling_probability, gaussian)
+    return dpe.SampledWithoutReplacementDpEvent(cfg.population, cfg.clients_per_round, gaussian)
+
+
+def training_event(cfg: PrivacyConfig, rounds: int) -> dpe.DpEvent:
+    return dpe.SelfComposedDpEvent(round_event(cfg), rounds)
+
+
+def _rdp_accountant(sampling: str) -> rdp.RdpAccountant:
+    rel = (
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        if sampling == "poisson"
+        else dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    return rdp.RdpAccountant(neighboring_relation=rel)
+
+
+def epsilon(cfg: PrivacyConfig, rounds: int) -> tuple[float, Optional[float]]:
+    """(ε, best RDP order) after ``rounds`` rounds; (inf, None) without DP."""
+    if not cfg.is_private:
+        return math.inf, None
+    if rounds == 0:
+        return 0.0, None
+    acc = _rdp_accountant(cfg.sampling).compose(training_event(cfg, rounds))
+    eps, order = acc.get_epsilon_and_optimal_order(cfg.delta)
+    return float(eps), float(order)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    rounds: int,
+    population: int,
+    clients_per_round: int,
+    delta: float,
+    sampling: str = "poisson",
+    clipped_count_stddev: Optional[float] = None,
+) -> float:
+    """Smallest z whose RDP ε after ``rounds`` rounds is <= target_epsilon."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise PrivacyConfigError(f"--target_epsilon={target_epsilon} must be a finite number > 0")
+    if rounds < 1:
+        raise PrivacyConfigError(f"--rounds={rounds} must be at least 1")
+
+    def cfg_for(z: float) -> PrivacyConfig:
+        return PrivacyConfig(population, clients_per_round, z, delta, sampling, clipped_count_stddev=math.inf)
+
+    base = cfg_for(1.0)  # validates everything but the adaptive-clipping bound
+    z = dp_accounting.calibrate_dp_mechanism(
+        lambda: _rdp_accountant(sampling),
+        lambda z: training_event(dataclasses.replace(base, noise_multiplier=z), rounds),
+        target_epsilon,
+        delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.01, 1.0),
+        tol=1e-4,
+    )
+    z = float(z)
+    # Brent's method stops within tol; step up until ε is within the target.
+    while epsilon(cfg_for(z), rounds)[0] > target_epsilon:
+        z *= 1.0001
+    check_adaptive_clipping(z, clients_per_round, clipped_count_stddev)
+    return z
+
+
+# --- DpEvent (de)serialisation, so anyone can recompute ε from a report. ---
+
+_EVENT_TYPES = {
+    c.__name__: c
+    for c in (
+        dpe.NoOpDpEvent,
+        dpe.NonPrivateDpEvent,
+        dpe.GaussianDpEvent,
+        dpe.SelfComposedDpEvent,
+        dpe.ComposedDpEvent,
+        dpe.PoissonSampledDpEvent,
+        dpe.SampledWithoutReplacementDpEvent,
+        dpe.SampledWithReplacementDpEvent,
+    )
+}
+
+
+def event_to_json(event: dpe.DpEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type(event).__name__}
+    for f in dataclasses.fields(event) if dataclasses.is_dataclass(event) else event.__attrs_attrs__:
+        v = getattr(event, f.name)
+        if isinstance(v, dpe.DpEvent):
+            v = event_to_json(v)
+        elif isinstance(v, (list, tuple)):
+            v = [event_to_json(e) for e in v]
+        out[f.name] = v
+    return out
+
+
+def event_from_json(obj: dict[str, Any]) -> dpe.DpEvent:
+    obj = dict(obj)
+    cls = _EVENT_TYPES[obj.pop("type")]
+    kwargs = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            v = event_from_json(v)
+        elif isinstance(v, list):
+            v = [event_from_json(e) for e in v]
+        kwargs[k] = v
+    return cls(**kwargs)

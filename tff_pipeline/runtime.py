@@ -1,0 +1,175 @@
+"""TFF execution context whose worker process can never outlive Python.
+
+TFF 0.87's default context starts ``tensorflow_federated/data/worker_binary``
+with the parent's stdout/stderr and stops it only in ``ServiceManager.__del__``,
+which does not run at interpreter exit: the worker is re-parented to PID 1 and
+keeps the pipes open, so a piped run never ends. Here the worker:
+
+* writes to its own log file, never to our stdout/stderr;
+* gets a Linux parent-death signal (``PR_SET_PDEATHSIG``), so the kernel kills
+  it when this process dies, even by SIGKILL;
+* is stopped at exit (SIGINT, wait, then SIGKILL) by an ``atexit`` hook and by
+  :func:`stop_workers`.
+
+Only this module imports TFF's executor internals.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+_PR_SET_PDEATHSIG = 1
+_GRPC_OPTIONS = [
+    ("grpc.max_message_length", 2_000_000_000),
+    ("grpc.max_receive_message_length", 2_000_000_000),
+    ("grpc.max_send_message_length", 2_000_000_000),
+]
+
+_lock = threading.Lock()
+_processes: list[subprocess.Popen] = []
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def worker_binary_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorflow_federated")
+    root = os.path.dirname(spec.origin)
+    path = os.path.join(root, "data", "worker_binary")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"TFF worker binary not found at {path}")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(port: Optional[int] = None, log_path: Optional[str] = None) -> tuple[subprocess.Popen, int]:
+    """Starts one TFF worker service on localhost; returns (process, port).
+
+    The process is tracked and stopped by :func:`stop_workers` / at exit.
+    """
+    port = port or _free_port()
+    if log_path is None:
+        log_dir = os.environ.get("TFF_PIPELINE_WORKER_LOG_DIR", tempfile.gettempdir())
+        log_path = os.path.join(log_dir, f"tff_worker_{os.getpid()}_{port}.log")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [worker_binary_path(), f"--port={port}", "--max_concurrent_computation_calls=-1"],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_set_pdeathsig,
+        close_fds=True,
+    )
+    log.close()
+    with _lock:
+        _processes.append(proc)
+    return proc, port
+
+
+def stop_workers(timeout: float = 5.0) -> None:
+    """Stops every worker this process started (SIGINT, wait, then SIGKILL)."""
+    with _lock:
+        procs = list(_processes)
+        _processes.clear()
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+atexit.register(stop_workers)
+
+
+def _executor_factory(targets: Sequence[str]):
+    """A TFF executor factory over running worker services at ``targets``."""
+    import grpc
+    from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+    from tensorflow_federated.python.core.impl.executors import remote_executor
+    from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
+    from tensorflow_federated.python.core.impl.types import placements
+
+    stubs = [
+        remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(t, _GRPC_OPTIONS))
+        for t in targets
+    ]
+    deadline = time.monotonic() + 60
+    while not all(s.is_ready for s in stubs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"TFF worker(s) at {', '.join(targets)} did not become ready within 60 s")
+        time.sleep(0.05)
+
+    def stack_fn(cardinalities):
+        if cardinalities.get(placements.CLIENTS) is None:
+            cardinalities[placements.CLIENTS] = 0
+        ex = remote_executor.RemoteExecutor(stubs[0])
+        ex.set_cardinalities(cardinalities)
+        return ex
+
+    return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+
+
+_context_set = False
+
+
+def install_context() -> None:
+    """Makes TFF run computations on a worker we own (started here, once)."""
+    global _context_set
+    if _context_set:
+        return
+    from tensorflow_federated.python.core.backends.native import compiler
+    from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+    from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
+
+    _, port = start_worker()
+    context = sync_execution_context.SyncExecutionContext(
+        executor_fn=_executor_factory([f"localhost:{port}"]),
+        compiler_fn=compiler.desugar_and_transform_to_native,
+        transform_args=tensorflow_computation.transform_args,
+        transform_result=tensorflow_computation.transform_result,
+    )
+    context_stack_impl.context_stack.set_default_context(context)
+    _context_set = True
+
+
+def live_worker_pids() -> list[int]:
+    """PIDs of every ``worker_binary`` process on this machine (any parent)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if cmd.endswith(b"worker_binary"):
+            pids.append(int(entry))
+    return pids

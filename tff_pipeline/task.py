@@ -1,0 +1,61 @@
+"""A task: a small frozen bundle of federated data, a Keras model and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import tensorflow as tf
+
+
+class TaskError(ValueError):
+    """The task's data or settings are unusable; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything the training loop needs to know about one task.
+
+    Attributes:
+      name: registry name.
+      population: number of training clients (the sampler draws from 0..N-1).
+      client_dataset: (client index, round seed) -> tf.data.Dataset of
+        (x, y) batches for that client's local training this round.
+      build_model: () -> a fresh, uncompiled Keras model.
+      loss: () -> the Keras loss.
+      metrics: () -> a list of fresh Keras metrics.
+      evaluate: Keras model -> {metric name: value} on the held-out sets.
+      export: (Keras model, directory) -> writes a SavedModel there.
+      summary: facts about the data for config.json and the report.
+      privacy_unit: what one client is, in words, for the report.
+      headline_metric: the eval metric printed in progress lines.
+    """
+
+    name: str
+    population: int
+    client_dataset: Callable[[int, int], tf.data.Dataset]
+    build_model: Callable[[], tf.keras.Model]
+    loss: Callable[[], tf.keras.losses.Loss]
+    metrics: Callable[[], list]
+    evaluate: Callable[[tf.keras.Model], dict[str, float]]
+    export: Callable[[tf.keras.Model, str], None]
+    summary: dict[str, Any]
+    privacy_unit: str
+    headline_metric: str
+
+    def __post_init__(self):
+        if self.population < 1:
+            raise TaskError(f"task {self.name!r} has no training clients")
+        spec = self.client_dataset(0, 0).element_spec
+        model = self.build_model()
+        x_spec = spec[0]
+        for got, want in zip([x_spec], model.inputs):
+            if got.dtype != want.dtype or not tf.TensorShape(got.shape[1:]).is_compatible_with(want.shape[1:]):
+                raise TaskError(
+                    f"task {self.name!r}: client data element_spec {got} does not match the model input "
+                    f"{want.dtype.name}{want.shape}"
+                )
+
+    @property
+    def element_spec(self):
+        return self.client_dataset(0, 0).element_spec

