@@ -28,7 +28,7 @@ $(if $(filter .tools/bin/uv,$(UV)),.venv/.synced: .tools/bin/uv)
 install: .venv/.synced
 
 run: install
-	$(PY) scripts/train.py --task=keyboard --output_dir=$(RUN_DIR) $(RUN_FLAGS)
+	$(PY) scripts/train.py --flagfile=configs/keyboard.cfg --output_dir=$(RUN_DIR) $(RUN_FLAGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -7,9 +7,13 @@ REGISTRY = {
 }
 
 
-def build(cfg):
+def check_name(name: str) -> None:
     from tff_pipeline.config import ConfigError
 
-    if cfg.task not in REGISTRY:
-        raise ConfigError(f"--task={cfg.task!r} is unknown; choose one of: {', '.join(sorted(REGISTRY))}")
+    if name not in REGISTRY:
+        raise ConfigError(f"--task={name!r} is unknown; choose one of: {', '.join(sorted(REGISTRY))}")
+
+
+def build(cfg):
+    check_name(cfg.task)
     return importlib.import_module(REGISTRY[cfg.task]).build(cfg)

@@ -30,7 +30,7 @@ def test_outputs_exist(trained_run):
 
 def test_progress_lines_show_round_eta_loss_epsilon(trained_run):
     lines = [l for l in trained_run["stdout"].splitlines() if l.startswith("round ")]
-    assert len(lines) == 3
+    assert len(lines) == 4 and "public pre-training" in lines[0]
     assert all(k in lines[-1] for k in ("3/3", "ETA", "loss", "clip", "ε"))
     assert "nan" not in lines[-1]
 
@@ -38,9 +38,12 @@ def test_progress_lines_show_round_eta_loss_epsilon(trained_run):
 def test_metrics_csv_has_epsilon_per_round(trained_run):
     with open(os.path.join(trained_run["dir"], "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
+    pre, rows = rows[0], rows[1:]
+    # Row 0: after public pre-training, evaluated, nothing private spent yet.
+    assert float(pre["epsilon"]) == 0 and pre["clip_norm"] == "" and float(pre["eval_test_top1_accuracy"]) > 0
     eps = [float(r["epsilon"]) for r in rows]
-    assert eps[0] < eps[1] < eps[2]
+    assert 0 < eps[0] < eps[1] < eps[2]
     assert all(float(r["train_loss"]) > 0 and float(r["clip_norm"]) > 0 for r in rows)
     assert rows[1]["eval_test_top1_accuracy"] != "" and rows[0]["eval_test_top1_accuracy"] == ""
 
@@ -59,6 +62,7 @@ def test_report_epsilon_equals_independent_dp_accounting(trained_run):
         assert float(list(csv.DictReader(f))[-1]["epsilon"]) == pytest.approx(eps)
     md = open(os.path.join(trained_run["dir"], "privacy_report.md")).read()
     assert f"{eps:.4f}" in md and "add or remove one client" in md
+    assert r["model_initialisation"].startswith("pre-trained centrally on 5 public plays never used as clients")
 
 
 SERVE = """
@@ -101,3 +105,19 @@ def test_statement_printed_with_paths(trained_run):
     out = trained_run["stdout"]
     assert "-differential privacy at the client level" in out
     assert "privacy report: " in out and "SavedModel: " in out
+
+
+def test_frozen_layers_are_neither_trained_nor_aggregated(keyboard_task):
+    from tff_pipeline import dp_fedavg
+
+    model = dp_fedavg.build_keras_model(keyboard_task, ("token_embedding", "logits"))
+    names = {w.name.split("/")[0] for w in model.trainable_weights}
+    assert "token_embedding" not in names and "logits" not in names and "block0_mha" in names
+    n_trainable = sum(int(w.shape.num_elements()) for w in model.trainable_weights)
+    n_all = sum(int(w.shape.num_elements()) for w in model.weights)
+    assert n_trainable < n_all / 2
+    # The TFF model built from it aggregates only the trainable weights.
+    import tensorflow_federated as tff
+
+    tff_model = dp_fedavg.model_fn_for(keyboard_task, ("token_embedding", "logits"))()
+    assert len(tff_model.trainable_variables) == len(model.trainable_weights)

@@ -32,6 +32,10 @@ HELP = {
     "batch_size": "Client batch size.",
     "local_epochs": "Local epochs per round.",
     "max_client_examples": "At most this many examples per client per round (a fresh random subset each round).",
+    "public_pretrain_epochs": "Epochs of central pre-training on the task's public data (not the clients'; "
+                              "no privacy cost) before federated training. 0 = start from random weights.",
+    "freeze_layers": "Comma-separated Keras layer names kept fixed during federated training (e.g. "
+                     "token_embedding,logits after public pre-training): fewer trained parameters, less DP noise.",
     "seed": "Seed for data splits and client sampling.",
     "eval_every": "Evaluate on held-out data every N rounds.",
     "vocab_size": "Vocabulary size (keyboard), from public sources.",

@@ -40,6 +40,8 @@ class TrainConfig:
     local_epochs: int = 1
     max_client_examples: int = 64
     seed: int = 0
+    public_pretrain_epochs: int = 0
+    freeze_layers: str = ""
     eval_every: int = 10
     # Model / data shape (keyboard).
     vocab_size: int = 10000
@@ -74,12 +76,18 @@ class TrainConfig:
         need(self.server_learning_rate > 0, f"--server_learning_rate={self.server_learning_rate} must be > 0")
         need(self.server_optimizer in ("adam", "sgdm"),
              f"--server_optimizer={self.server_optimizer!r} must be adam or sgdm")
+        need(self.public_pretrain_epochs >= 0,
+             f"--public_pretrain_epochs={self.public_pretrain_epochs} must be >= 0 (0 = no pre-training)")
         for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",
                      "model_dim", "heads", "layers", "ff_dim"):
             v = getattr(self, name)
             need(v >= 1, f"--{name}={v} must be at least 1")
         need(self.model_dim % self.heads == 0,
              f"--model_dim={self.model_dim} must be divisible by --heads={self.heads}")
+
+    @property
+    def frozen_layers(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.freeze_layers.split(",") if n.strip())
 
     @property
     def noise_is_calibrated(self) -> bool:

@@ -13,7 +13,7 @@ https://arxiv.org/abs/1710.06963). No zeroing stage: TFF's default zeroing in
 
 from __future__ import annotations
 
-from tff_pipeline.config import TrainConfig
+from tff_pipeline.config import ConfigError, TrainConfig
 from tff_pipeline.privacy import PrivacyConfig
 from tff_pipeline.task import Task
 
@@ -31,7 +31,26 @@ def build_aggregator(cfg: TrainConfig, pcfg: PrivacyConfig):
     )
 
 
-def model_fn_for(task: Task):
+def build_keras_model(task: Task, frozen: tuple[str, ...] = ()):
+    """The task's Keras model with the named layers made non-trainable: TFF
+    then neither trains nor aggregates them (they get no noise and release
+    nothing), so DP noise is spread over fewer parameters."""
+    model = task.build_model()
+    set_frozen(model, frozen)
+    return model
+
+
+def set_frozen(model, frozen: tuple[str, ...]) -> None:
+    names = [l.name for l in model.layers]
+    for n in frozen:
+        if n not in names:
+            raise ConfigError(f"--freeze_layers: the {model.name} model has no layer {n!r}; "
+                              f"its layers are {', '.join(names)}")
+    for layer in model.layers:
+        layer.trainable = layer.name not in frozen
+
+
+def model_fn_for(task: Task, frozen: tuple[str, ...] = ()):
     """A TFF model function wrapping the task's Keras model."""
     import tensorflow_federated as tff
 
@@ -39,7 +58,7 @@ def model_fn_for(task: Task):
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            task.build_model(), loss=task.loss(), input_spec=spec, metrics=task.metrics()
+            build_keras_model(task, frozen), loss=task.loss(), input_spec=spec, metrics=task.metrics()
         )
 
     return model_fn
@@ -54,7 +73,7 @@ def build_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig):
     else:
         server = opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum)
     return tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn_for(task),
+        model_fn_for(task, cfg.frozen_layers),
         client_optimizer_fn=opt.build_sgdm(learning_rate=cfg.client_learning_rate),
         server_optimizer_fn=server,
         model_aggregator=build_aggregator(cfg, pcfg),

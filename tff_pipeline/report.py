@@ -59,6 +59,7 @@ def build(
     stop_reason: str,
     noise_calibration: Optional[dict] = None,
     not_covered: tuple[str, ...] = (),
+    initialisation: Optional[str] = None,
     mechanism: str = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator",
 ) -> dict[str, Any]:
     eps, order = privacy.epsilon(pcfg, rounds_run)
@@ -98,6 +99,7 @@ def build(
         ),
         "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, rounds_run)),
         "not_covered": list(not_covered),
+        "model_initialisation": initialisation or "random (no pre-training)",
     }
     report["statement"] = statement(report)
     return report
@@ -130,6 +132,9 @@ def statement(r: dict[str, Any]) -> str:
         "and covers everything computed from the aggregated noisy updates, including the final model and "
         "the clip norms."
     )
+    if r.get("model_initialisation", "").startswith("pre-trained"):
+        text += (f" The starting model was {r['model_initialisation']}; that data is public, holds no client's "
+                 f"data, and costs no privacy.")
     if r["not_covered"]:
         text += " Not covered: " + " ".join(r["not_covered"])
     return text
@@ -149,6 +154,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("Clients per round", s["clients_per_round"]),
         ("Rounds run / planned", f"{r['rounds_run']} / {r['rounds_planned']}"),
         ("Stop reason", r["stop_reason"]),
+        ("Model initialisation", r.get("model_initialisation", "")),
         ("Noise multiplier (total)", f"{r['noise_multiplier']:.6g}"),
         ("Noise multiplier on updates", f"{r['update_noise_multiplier']:.6g}"),
         ("Clipped-count noise stddev", f"{r['clipped_count_stddev']:.6g}"),

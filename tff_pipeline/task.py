@@ -29,6 +29,8 @@ class Task:
       summary: facts about the data for config.json and the report.
       privacy_unit: what one client is, in words, for the report.
       headline_metric: the eval metric printed in progress lines.
+      public_data: optional (x, y) arrays from public sources (never from
+        the clients), for central pre-training at no privacy cost.
     """
 
     name: str
@@ -42,6 +44,8 @@ class Task:
     summary: dict[str, Any]
     privacy_unit: str
     headline_metric: str
+    public_data: Any = None
+    public_data_source: str = ""
 
     def __post_init__(self):
         if self.population < 1:

@@ -133,6 +133,10 @@ class Progress:
         self.round_times: list[float] = []
 
     def __call__(self, r: RoundResult) -> None:
+        if r.round_num == 0:  # public pre-training, not a federated round
+            print(f"round    0/{self.total} | public pre-training {r.seconds:.1f} s | loss {r.train['loss']:.4f} | "
+                  f"{self.headline} {r.eval.get(self.headline, float('nan')):.4f}", file=self.out, flush=True)
+            return
         self.round_times.append(r.seconds)
         recent = self.round_times[-10:]
         eta = (self.total - r.round_num) * (sum(recent) / len(recent))
@@ -177,13 +181,40 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[str, Any]:
+    """Central training on the task's public data (no client's data, so no
+    privacy cost); the federated rounds start from these weights."""
+    if task.public_data is None:
+        raise ConfigError(f"--public_pretrain_epochs={cfg.public_pretrain_epochs}: task {task.name!r} has no "
+                          f"public data; use --public_pretrain_epochs=0")
+    import tensorflow as tf
+
+    t0 = time.monotonic()
+    x, y = task.public_data
+    tf.keras.utils.set_random_seed(cfg.seed)
+    from tff_pipeline import dp_fedavg
+
+    dp_fedavg.set_frozen(keras_model, ())
+    keras_model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=task.loss())
+    hist = keras_model.fit(x, y, batch_size=32, epochs=cfg.public_pretrain_epochs, verbose=0, shuffle=True)
+    dp_fedavg.set_frozen(keras_model, cfg.frozen_layers)
+    ev = task.evaluate(keras_model)
+    out = {"epochs": cfg.public_pretrain_epochs, "examples": int(len(x)), "source": task.public_data_source,
+           "loss": float(hist.history["loss"][-1]), "eval": ev, "seconds": time.monotonic() - t0}
+    log(f"pre-trained on public data ({task.public_data_source}) for {cfg.public_pretrain_epochs} epochs in "
+        f"{out['seconds']:.1f} s: loss {out['loss']:.4f}, {task.headline_metric} {ev[task.headline_metric]:.4f}")
+    return out
+
+
 def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ...] = (),
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains cfg.task with DP-FedAvg and writes config.json, metrics.csv,
     privacy_report.{json,md} and saved_model/ to cfg.output_dir."""
     t_start = time.monotonic()
-    prepare_output_dir(cfg.output_dir, overwrite)
     import tasks
+
+    tasks.check_name(cfg.task)
+    prepare_output_dir(cfg.output_dir, overwrite)
 
     task = tasks.build(cfg)
     pcfg, calib = resolve_privacy(cfg, task.population)
@@ -202,15 +233,26 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     from tff_pipeline import dp_fedavg, runtime
 
     runtime.install_context()
+    dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
     process = dp_fedavg.build_process(task, cfg, pcfg)
     state = process.initialize()
-    keras_model = task.build_model()
+    keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
+    pretrain = None
+    if cfg.public_pretrain_epochs:
+        pretrain = pretrain_on_public_data(task, cfg, keras_model, log)
+        import tensorflow_federated as tff
+
+        state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
     sampler = pcfg.sampler(cfg.seed)
     hooks: list[Callback] = [MetricsCsv(os.path.join(out, "metrics.csv")),
                              Progress(cfg.rounds, task.headline_metric), *callbacks]
     log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
         f"{pcfg.clients_per_round} clients ({pcfg.sampling} sampling, q={pcfg.sampling_probability:.4g})")
 
+    if pretrain is not None:
+        for h in hooks:
+            h(RoundResult(0, 0, pretrain["seconds"], {"loss": pretrain["loss"]}, None,
+                          0.0 if pcfg.is_private else None, pretrain["eval"]))
     stop = _StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     rounds_run, stop_reason, last_eval = 0, "completed all planned rounds", {}
@@ -255,11 +297,14 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     keras_model.save_weights(os.path.join(out, "final_weights.h5"))
 
     rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
-                       stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED)
+                       stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED,
+                       initialisation=None if pretrain is None else
+                       f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")
     report.write(out, rep)
     summary = {
         "rounds_run": rounds_run, "stop_reason": stop_reason, "epsilon": rep["epsilon"], "delta": pcfg.delta,
         "eval": last_eval, "baselines": {k: v for k, v in task.summary.items() if k.startswith("baselines")},
+        "public_pretraining": pretrain,
         "seconds_total": time.monotonic() - t_start, "seconds_training": train_seconds,
         "seconds_per_round": train_seconds / max(rounds_run, 1),
     }

@@ -1,0 +1,68 @@
+"""Bad input to scripts/train.py: one line on stderr that names the problem and
+the fix, exit code 2, no traceback, and an earlier run left intact."""
+
+import os
+
+import pytest
+
+from conftest import SMALL, run_script
+
+
+def _one_line_error(p):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, p.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--task=weather"], "error: --task='weather' is unknown; choose one of: keyboard"),
+    (["--noise_multiplier=-1"], "error: --noise_multiplier=-1.0 must be a finite number >= 0 (0 means no DP)"),
+    (["--delta=1"], "error: --delta=1.0 must be in (0, 1)"),
+    (["--target_epsilon=0"], "error: --target_epsilon=0.0 must be a finite number > 0"),
+    (["--rounds=0"], "error: --rounds=0 must be at least 1"),
+    (["--noise_multiplier=1", "--target_epsilon=3"], "error: give either --noise_multiplier or --target_epsilon"),
+    (["--model_dim=30", "--heads=4"], "error: --model_dim=30 must be divisible by --heads=4"),
+    (["stray"], "error: unexpected arguments: stray"),
+])
+def test_invalid_flags(tmp_path, flags, expected):
+    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", *flags, timeout=300)
+    assert _one_line_error(p).startswith(expected)
+    assert not os.path.exists(tmp_path / "o" / "config.json")
+
+
+def test_existing_run_is_refused_and_left_intact(trained_run):
+    d = trained_run["dir"]
+    before = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
+    p = run_script("train.py", f"--output_dir={d}", "--rounds=1", timeout=300)
+    line = _one_line_error(p)
+    assert "already holds files from an earlier run" in line and "--overwrite" in line
+    assert {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)} == before
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    p = run_script("train.py", f"--output_dir={f}", timeout=300)
+    assert "is a file, not a directory" in _one_line_error(p)
+    assert f.read_text() == "keep me"
+
+
+def test_cohort_larger_than_population_names_the_limit(tmp_path):
+    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", "--clients_per_round=5000", *SMALL, timeout=300)
+    assert _one_line_error(p).startswith("error: --clients_per_round=5000 exceeds the population of 1139")
+
+
+def test_noise_too_large_for_adaptive_clipping_says_which_flag(tmp_path):
+    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", "--clients_per_round=5", "--noise_multiplier=2",
+                   *SMALL, timeout=300)
+    line = _one_line_error(p)
+    assert "--noise_multiplier=2.0 is too large for adaptive clipping" in line and "--clipped_count_stddev" in line
+
+
+def test_unknown_frozen_layer_lists_the_layers(tmp_path):
+    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", "--freeze_layers=embedding", "--rounds=1",
+                   "--clients_per_round=2", *SMALL, timeout=300)
+    line = _one_line_error(p)
+    assert "has no layer 'embedding'" in line and "token_embedding" in line
