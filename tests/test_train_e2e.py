@@ -121,3 +121,31 @@ def test_frozen_layers_are_neither_trained_nor_aggregated(keyboard_task):
 
     tff_model = dp_fedavg.model_fn_for(keyboard_task, ("token_embedding", "logits"))()
     assert len(tff_model.trainable_variables) == len(model.trainable_weights)
+
+
+def test_plot_beside_report(trained_run):
+    png = os.path.join(trained_run["dir"], "privacy_report.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
+    from tff_pipeline import privacy
+
+    from conftest import SMALL, run_script
+
+    cfg = privacy.PrivacyConfig(1139, 8, 0.5, 1e-5)
+    e2, e3 = privacy.epsilon(cfg, 2)[0], privacy.epsilon(cfg, 3)[0]
+    budget = (e2 + e3) / 2
+    out = tmp_path / "guard"
+    p = run_script("train.py", f"--output_dir={out}", "--rounds=5", "--clients_per_round=8",
+                   "--noise_multiplier=0.5", f"--max_epsilon={budget}", "--eval_every=5", *SMALL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = load_json(os.path.join(out, "privacy_report.json"))
+    assert r["rounds_run"] == 2 and r["rounds_planned"] == 5
+    assert r["epsilon"] == pytest.approx(e2) and r["epsilon"] <= budget
+    assert r["stop_reason"].startswith(f"privacy budget: round 3 would raise ε from {e2:.4g} to {e3:.4g}")
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert [int(x["round"]) for x in csv.DictReader(f)] == [1, 2]
+    assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))
+    assert "privacy budget: round 3" in p.stdout

@@ -19,6 +19,8 @@ HELP = {
     "noise_multiplier": "Total Gaussian noise multiplier z (McMahan et al. 2018; includes the adaptive-clipping "
                         "share, Andrew et al. 2021). 0 = no DP. Default 0 unless --target_epsilon is given.",
     "target_epsilon": "Calibrate z with dp_accounting so that ε <= this after --rounds rounds at --delta.",
+    "max_epsilon": "Budget guard: before each round, stop if running it would bring ε above this "
+                   "(the model and report are still written, and say why training stopped).",
     "delta": "δ of the (ε, δ) guarantee; keep it well below 1/population.",
     "initial_clip": "Initial L2 clip norm C_0 of adaptive clipping (Andrew et al. 2021).",
     "target_unclipped_quantile": "Target fraction γ of client updates left unclipped (Andrew et al. 2021).",
@@ -73,9 +75,11 @@ class UserError(Exception):
 def user_error_types() -> tuple[type, ...]:
     from tff_pipeline.config import ConfigError
     from tff_pipeline.privacy import PrivacyConfigError
-    from tff_pipeline.task import TaskError
 
-    return (UserError, ConfigError, PrivacyConfigError, TaskError)
+    types = [UserError, ConfigError, PrivacyConfigError]
+    if "tff_pipeline.task" in sys.modules:  # imports TensorFlow; planning scripts never load it
+        types.append(sys.modules["tff_pipeline.task"].TaskError)
+    return tuple(types)
 
 
 def main(fn, needs_tensorflow: bool = True) -> None:
@@ -99,9 +103,11 @@ def main(fn, needs_tensorflow: bool = True) -> None:
         except user_error_types() as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         finally:
-            from tff_pipeline import runtime
-
-            runtime.stop_workers()
+            if "tff_pipeline.runtime" in sys.modules:
+                sys.modules["tff_pipeline.runtime"].stop_workers()
 
     app.run(wrapped)

@@ -24,6 +24,7 @@ class TrainConfig:
     noise_multiplier: Optional[float] = None
     target_epsilon: Optional[float] = None
     delta: float = 1e-5
+    max_epsilon: Optional[float] = None
     # Adaptive clipping, Andrew et al. 2021 (https://arxiv.org/abs/1905.03871):
     # initial clip C_0, target unclipped quantile γ, clip learning rate η_C
     # (geometric update C <- C·exp(-η_C (b̃ - γ))), clipped-count noise σ_b.
@@ -67,6 +68,12 @@ class TrainConfig:
         if self.target_epsilon is not None:
             need(self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
                  f"--target_epsilon={self.target_epsilon} must be a finite number > 0")
+        if self.max_epsilon is not None:
+            need(self.max_epsilon > 0 and math.isfinite(self.max_epsilon),
+                 f"--max_epsilon={self.max_epsilon} must be a finite number > 0")
+            need(self.noise_multiplier != 0,
+                 f"--max_epsilon={self.max_epsilon} needs differential privacy, but --noise_multiplier=0 makes ε "
+                 f"infinite; set --noise_multiplier > 0 or --target_epsilon")
         need(self.sampling in ("poisson", "fixed"), f"--sampling={self.sampling!r} must be poisson or fixed")
         need(self.initial_clip > 0, f"--initial_clip={self.initial_clip} must be > 0")
         need(0 <= self.target_unclipped_quantile <= 1,

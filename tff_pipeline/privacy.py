@@ -92,6 +92,57 @@ class PrivacyConfig:
         return ClientSampler(self, seed)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExampleLevelConfig:
+    """Example-level DP: DP-SGD inside each client (Abadi et al. 2016,
+    https://arxiv.org/abs/1607.00133), for cross-silo settings where the unit
+    to protect is one record (a patient), not a whole client.
+
+    Each round, a client takes ``local_steps`` DP-SGD steps; each step
+    Poisson-samples its batch with q = batch_size / examples_per_client, clips
+    every example's gradient and adds Gaussian noise of ``noise_multiplier``
+    × clip. A record is in one client, so its privacy is that client's
+    composition over all local steps of all rounds (counted as if the client
+    took part in every round: no amplification by client sampling is claimed).
+    """
+
+    examples_per_client: int
+    batch_size: int
+    local_steps: int
+    noise_multiplier: float
+    delta: float
+    sampling: str = "poisson"
+
+    def __post_init__(self):
+        for name in ("examples_per_client", "batch_size", "local_steps"):
+            v = getattr(self, name)
+            if v < 1:
+                raise PrivacyConfigError(f"--{name}={v} must be at least 1")
+        if self.batch_size > self.examples_per_client:
+            raise PrivacyConfigError(f"--batch_size={self.batch_size} exceeds --examples_per_client="
+                                     f"{self.examples_per_client}; use at most {self.examples_per_client}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise PrivacyConfigError(
+                f"--noise_multiplier={self.noise_multiplier} must be a finite number >= 0 (0 means no DP)")
+        if not 0 < self.delta < 1:
+            raise PrivacyConfigError(f"--delta={self.delta} must be in (0, 1); use e.g. 1/examples or smaller")
+        if self.sampling != "poisson":
+            raise PrivacyConfigError("--sampling: example-level DP-SGD is accounted with Poisson-sampled batches; "
+                                     "use --sampling=poisson")
+
+    @property
+    def sampling_probability(self) -> float:
+        return self.batch_size / self.examples_per_client
+
+    @property
+    def is_private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    @property
+    def neighboring_relation(self) -> str:
+        return "add or remove one example (one record) in one client's data"
+
+
 def validate(cfg: PrivacyConfig) -> None:
     """Raises PrivacyConfigError naming the flag, its value and the fix."""
     if cfg.population < 1:
@@ -162,17 +213,21 @@ class ClientSampler:
         return np.sort(rng.choice(n, size=self.cfg.clients_per_round, replace=False))
 
 
-def round_event(cfg: PrivacyConfig) -> dpe.DpEvent:
-    """The DpEvent of one DP-FedAvg round with this config's sampler."""
+def round_event(cfg) -> dpe.DpEvent:
+    """The DpEvent of one round: a DP-FedAvg round with this config's client
+    sampler, or a client's local DP-SGD steps (ExampleLevelConfig)."""
     if not cfg.is_private:
         return dpe.NonPrivateDpEvent()
     gaussian = dpe.GaussianDpEvent(cfg.noise_multiplier)
+    if isinstance(cfg, ExampleLevelConfig):
+        return dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(cfg.sampling_probability, gaussian),
+                                       cfg.local_steps)
     if cfg.sampling == "poisson":
         return dpe.PoissonSampledDpEvent(cfg.sampling_probability, gaussian)
     return dpe.SampledWithoutReplacementDpEvent(cfg.population, cfg.clients_per_round, gaussian)
 
 
-def training_event(cfg: PrivacyConfig, rounds: int) -> dpe.DpEvent:
+def training_event(cfg, rounds: int) -> dpe.DpEvent:
     return dpe.SelfComposedDpEvent(round_event(cfg), rounds)
 
 
@@ -185,7 +240,7 @@ def _rdp_accountant(sampling: str) -> rdp.RdpAccountant:
     return rdp.RdpAccountant(neighboring_relation=rel)
 
 
-def epsilon(cfg: PrivacyConfig, rounds: int) -> tuple[float, Optional[float]]:
+def epsilon(cfg, rounds: int) -> tuple[float, Optional[float]]:
     """(ε, best RDP order) after ``rounds`` rounds; (inf, None) without DP."""
     if not cfg.is_private:
         return math.inf, None
@@ -229,6 +284,51 @@ def calibrate_noise_multiplier(
         z *= 1.0001
     check_adaptive_clipping(z, clients_per_round, clipped_count_stddev)
     return z
+
+
+def zcdp_rho(cfg, rounds: int) -> Optional[float]:
+    """ρ of zero-concentrated DP (Bun & Steinke 2016) where it applies: the
+    Gaussian mechanism without subsampling (q = 1), ρ = rounds·steps/(2 z²).
+    None for subsampled mechanisms, whose amplification zCDP does not capture."""
+    if not cfg.is_private or cfg.sampling_probability < 1:
+        return None
+    steps = cfg.local_steps if isinstance(cfg, ExampleLevelConfig) else 1
+    return rounds * steps / (2 * cfg.noise_multiplier**2)
+
+
+def calibrate(make_cfg, rounds: int, target_epsilon: float, delta: float) -> float:
+    """Smallest noise multiplier z with RDP ε(make_cfg(z), rounds) <= target."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise PrivacyConfigError(f"--target_epsilon={target_epsilon} must be a finite number > 0")
+    if rounds < 1:
+        raise PrivacyConfigError(f"--rounds={rounds} must be at least 1")
+    sampling = make_cfg(1.0).sampling
+    z = float(dp_accounting.calibrate_dp_mechanism(
+        lambda: _rdp_accountant(sampling), lambda z: training_event(make_cfg(z), rounds), target_epsilon, delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.01, 1.0), tol=1e-4))
+    while epsilon(make_cfg(z), rounds)[0] > target_epsilon:
+        z *= 1.0001
+    return z
+
+
+def affordable_rounds(cfg, target_epsilon: float, limit: int = 10_000_000) -> int:
+    """The most rounds whose RDP ε stays <= target_epsilon (0 if not even one)."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise PrivacyConfigError(f"--target_epsilon={target_epsilon} must be a finite number > 0")
+    if not cfg.is_private:
+        raise PrivacyConfigError("--noise_multiplier=0 gives no DP, so no number of rounds fits a finite ε; "
+                                 "set --noise_multiplier > 0")
+    if epsilon(cfg, 1)[0] > target_epsilon:
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and epsilon(cfg, hi)[0] <= target_epsilon:
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return limit
+    while hi - lo > 1:  # ε(lo) <= target < ε(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if epsilon(cfg, mid)[0] <= target_epsilon else (lo, mid)
+    return lo
 
 
 # --- DpEvent (de)serialisation, so anyone can recompute ε from a report. ---

@@ -6,6 +6,7 @@ fields: ``recorded_event`` is the exact DpEvent composed for the rounds run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ def _finite(x: float) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def pld_epsilon(pcfg: PrivacyConfig, rounds: int) -> Optional[float]:
+def pld_epsilon(pcfg, rounds: int, delta: Optional[float] = None) -> Optional[float]:
     """ε from the PLD accountant, a tighter cross-check; None where it does
     not support the event (sampling without replacement)."""
     if not pcfg.is_private or rounds == 0 or pcfg.sampling != "poisson":
@@ -47,11 +48,39 @@ def pld_epsilon(pcfg: PrivacyConfig, rounds: int) -> Optional[float]:
 
     acc = pld_privacy_accountant.PLDAccountant()
     acc.compose(privacy.training_event(pcfg, rounds))
-    return float(acc.get_epsilon(pcfg.delta))
+    return float(acc.get_epsilon(pcfg.delta if delta is None else delta))
+
+
+def _sampling(pcfg) -> dict[str, Any]:
+    if isinstance(pcfg, privacy.ExampleLevelConfig):
+        return {
+            "scheme": "poisson",
+            "description": "Poisson: inside a client, each example joins each DP-SGD batch independently with "
+                           "probability q",
+            "q": pcfg.sampling_probability,
+            "examples_per_client": pcfg.examples_per_client,
+            "batch_size": pcfg.batch_size,
+            "local_steps_per_round": pcfg.local_steps,
+        }
+    return {
+        "scheme": pcfg.sampling,
+        "description": (
+            "Poisson: each client joins each round independently with probability q"
+            if pcfg.sampling == "poisson"
+            else "fixed-size: exactly clients_per_round clients drawn uniformly without replacement"
+        ),
+        "q": pcfg.sampling_probability,
+        "population": pcfg.population,
+        "clients_per_round": pcfg.clients_per_round,
+    }
+
+
+DP_FEDAVG = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator"
+DP_SGD = "DP-SGD inside each client (Abadi et al. 2016): per-example clipping and Gaussian noise"
 
 
 def build(
-    pcfg: PrivacyConfig,
+    pcfg,
     *,
     rounds_run: int,
     rounds_planned: int,
@@ -60,77 +89,101 @@ def build(
     noise_calibration: Optional[dict] = None,
     not_covered: tuple[str, ...] = (),
     initialisation: Optional[str] = None,
-    mechanism: str = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator",
+    mechanism: Optional[str] = None,
+    kind: str = "training run",
 ) -> dict[str, Any]:
+    """The report of a run (or, with kind="plan", of a planned run).
+
+    ``pcfg`` is a PrivacyConfig (client level, DP-FedAvg) or an
+    ExampleLevelConfig (example level, DP-SGD inside clients)."""
+    example = isinstance(pcfg, privacy.ExampleLevelConfig)
     eps, order = privacy.epsilon(pcfg, rounds_run)
+    private = pcfg.is_private
     report: dict[str, Any] = {
-        "differentially_private": pcfg.is_private,
-        "mechanism": mechanism,
-        "unit_of_privacy": "client (user level)",
-        "client_is": unit,
+        "kind": kind,
+        "differentially_private": private,
+        "mechanism": mechanism or (DP_SGD if example else DP_FEDAVG),
+        "unit_of_privacy": "example (record level)" if example else "client (user level)",
+        "client_is" if not example else "example_is": unit,
         "neighbouring_relation": pcfg.neighboring_relation,
-        "sampling": {
-            "scheme": pcfg.sampling,
-            "description": (
-                "Poisson: each client joins each round independently with probability q"
-                if pcfg.sampling == "poisson"
-                else "fixed-size: exactly clients_per_round clients drawn uniformly without replacement"
-            ),
-            "q": pcfg.sampling_probability,
-            "population": pcfg.population,
-            "clients_per_round": pcfg.clients_per_round,
-        },
+        "sampling": _sampling(pcfg),
         "rounds_run": rounds_run,
         "rounds_planned": rounds_planned,
         "stop_reason": stop_reason,
         "noise_multiplier": pcfg.noise_multiplier,
-        "update_noise_multiplier": privacy.update_noise_multiplier(pcfg),
-        "clipped_count_stddev": pcfg.effective_clipped_count_stddev,
         "noise_calibration": noise_calibration,
         "delta": pcfg.delta,
         "epsilon": _finite(eps),
         "accountant": "dp_accounting RdpAccountant",
         "rdp_order": order,
-        "epsilon_pld": _finite(pld_epsilon(pcfg, rounds_run)) if pcfg.is_private else None,
+        "epsilon_pld": _finite(pld_epsilon(pcfg, rounds_run)) if private else None,
+        "zcdp_rho": privacy.zcdp_rho(pcfg, rounds_run),
+        "zcdp_note": ("zCDP does not capture amplification by subsampling; the subsampled Gaussian is accounted "
+                      "with RDP and PLD" if private and pcfg.sampling_probability < 1 else None),
         "epsilon_at_other_delta": (
-            {f"{d:g}": _finite(privacy.epsilon(PrivacyConfig(**{**pcfg.__dict__, "delta": d}), rounds_run)[0])
+            {f"{d:g}": {"rdp": _finite(privacy.epsilon(dataclasses.replace(pcfg, delta=d), rounds_run)[0]),
+                        "pld": _finite(pld_epsilon(pcfg, rounds_run, d))}
              for d in OTHER_DELTAS}
-            if pcfg.is_private else {}
+            if private else {}
         ),
         "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, rounds_run)),
         "not_covered": list(not_covered),
         "model_initialisation": initialisation or "random (no pre-training)",
     }
+    if not example:
+        report["update_noise_multiplier"] = privacy.update_noise_multiplier(pcfg)
+        report["clipped_count_stddev"] = pcfg.effective_clipped_count_stddev
     report["statement"] = statement(report)
     return report
 
 
 def statement(r: dict[str, Any]) -> str:
+    """A plain statement in the style of tensorflow-privacy's
+    compute_dp_sgd_privacy_statement: what is protected, against which
+    neighbouring relation, under which sampling assumption, what is not."""
     s = r["sampling"]
+    example = r["unit_of_privacy"].startswith("example")
+    verb = "will satisfy" if r.get("kind") == "plan" else "satisfies"
+    model = "A model trained this way" if r.get("kind") == "plan" else "This model"
     if not r["differentially_private"]:
         return (
             f"No differential privacy: --noise_multiplier=0, so no (ε, δ) guarantee holds for this model. "
-            f"It was trained for {r['rounds_run']} rounds of federated averaging with clipped updates and "
-            f"{s['clients_per_round']} clients per round out of {s['population']}."
+            f"It was trained for {r['rounds_run']} rounds of federated averaging"
+            + ("" if example else f" with clipped updates and {s['clients_per_round']} clients per round out of "
+                                  f"{s['population']}") + "."
         )
-    sampled = (
-        f"each client took part in each round independently with probability q = {s['q']:.4g} (Poisson sampling)"
-        if s["scheme"] == "poisson"
-        else f"each round used exactly {s['clients_per_round']} of {s['population']} clients, drawn without replacement"
-    )
-    text = (
-        f"This model satisfies ({r['epsilon']:.4g}, {r['delta']:g})-differential privacy at the client level: "
-        f"the protected unit is one client ({r['client_is']}), and the neighbouring datasets differ by "
-        f"{r['neighbouring_relation']}. It was trained with {r['mechanism']} for {r['rounds_run']} rounds, "
-        f"where {sampled}, with noise multiplier {r['noise_multiplier']:.4g} on the clipped updates and the clipped-count "
-        f"estimate together. ε is computed by the RDP accountant of dp_accounting (order {r['rdp_order']:g})"
-    )
+    if example:
+        text = (
+            f"{model} {verb} ({r['epsilon']:.4g}, {r['delta']:g})-differential privacy at the example level: "
+            f"the protected unit is one record ({r['example_is']}), and the neighbouring datasets differ by "
+            f"{r['neighbouring_relation']}. Each client runs {r['mechanism']}, {s['local_steps_per_round']} steps "
+            f"per round for {r['rounds_run']} rounds, where each of its {s['examples_per_client']} examples joins "
+            f"each batch independently with probability q = {s['q']:.4g} (Poisson sampling, expected batch "
+            f"{s['batch_size']}), with noise multiplier {r['noise_multiplier']:.4g}. Every round is counted, as if "
+            f"the record's client took part in all of them. ε is computed by the RDP accountant of dp_accounting "
+            f"(order {r['rdp_order']:g})"
+        )
+    else:
+        sampled = (
+            f"each client took part in each round independently with probability q = {s['q']:.4g} (Poisson sampling)"
+            if s["scheme"] == "poisson"
+            else f"each round used exactly {s['clients_per_round']} of {s['population']} clients, drawn without "
+                 f"replacement"
+        )
+        text = (
+            f"{model} {verb} ({r['epsilon']:.4g}, {r['delta']:g})-differential privacy at the client level: "
+            f"the protected unit is one client ({r['client_is']}), and the neighbouring datasets differ by "
+            f"{r['neighbouring_relation']}. It {'will be' if r.get('kind') == 'plan' else 'was'} trained with "
+            f"{r['mechanism']} for {r['rounds_run']} rounds, where {sampled}, with noise multiplier "
+            f"{r['noise_multiplier']:.4g} on the clipped updates and the clipped-count estimate together. ε is "
+            f"computed by the RDP accountant of dp_accounting (order {r['rdp_order']:g})"
+        )
     if r.get("epsilon_pld") is not None:
         text += f"; the PLD accountant gives ε = {r['epsilon_pld']:.4g} for the same event"
     text += (
-        ". The guarantee assumes the cohorts were sampled as stated, with randomness unknown to the adversary, "
-        "and covers everything computed from the aggregated noisy updates, including the final model and "
-        "the clip norms."
+        ". The guarantee assumes the sampling was done as stated, with randomness unknown to the adversary, "
+        "and covers everything computed from the noisy aggregates, including the final model"
+        + ("" if example else " and the clip norms") + "."
     )
     if r.get("model_initialisation", "").startswith("pre-trained"):
         text += (f" The starting model was {r['model_initialisation']}; that data is public, holds no client's "
@@ -140,37 +193,53 @@ def statement(r: dict[str, Any]) -> str:
     return text
 
 
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     s = r["sampling"]
     eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
+    example = r["unit_of_privacy"].startswith("example")
     rows = [
         ("Differentially private", "yes" if r["differentially_private"] else "**no** (noise multiplier 0)"),
         ("Mechanism", r["mechanism"]),
-        ("Unit of privacy", f"{r['unit_of_privacy']}: {r['client_is']}"),
+        ("Unit of privacy", f"{r['unit_of_privacy']}: {r.get('example_is') if example else r['client_is']}"),
         ("Neighbouring relation", r["neighbouring_relation"]),
         ("Sampling", f"{s['scheme']} — {s['description']}"),
         ("q", f"{s['q']:.6g}"),
-        ("Population (clients)", s["population"]),
-        ("Clients per round", s["clients_per_round"]),
+    ]
+    if example:
+        rows += [("Examples per client", s["examples_per_client"]), ("Expected batch size", s["batch_size"]),
+                 ("Local DP-SGD steps per round", s["local_steps_per_round"])]
+    else:
+        rows += [("Population (clients)", s["population"]), ("Clients per round", s["clients_per_round"])]
+    rows += [
         ("Rounds run / planned", f"{r['rounds_run']} / {r['rounds_planned']}"),
         ("Stop reason", r["stop_reason"]),
         ("Model initialisation", r.get("model_initialisation", "")),
         ("Noise multiplier (total)", f"{r['noise_multiplier']:.6g}"),
-        ("Noise multiplier on updates", f"{r['update_noise_multiplier']:.6g}"),
-        ("Clipped-count noise stddev", f"{r['clipped_count_stddev']:.6g}"),
+    ]
+    if not example:
+        rows += [("Noise multiplier on updates", f"{r['update_noise_multiplier']:.6g}"),
+                 ("Clipped-count noise stddev", f"{r['clipped_count_stddev']:.6g}")]
+    rows += [
         ("δ", f"{r['delta']:g}"),
         ("ε (RDP accountant)", eps),
         ("Best RDP order", r["rdp_order"]),
         ("ε (PLD accountant, cross-check)", "n/a" if r["epsilon_pld"] is None else f"{r['epsilon_pld']:.4f}"),
+        ("zCDP ρ", f"{r['zcdp_rho']:.6g}" if r.get("zcdp_rho") is not None else f"n/a ({r.get('zcdp_note') or 'no DP'})"),
     ]
     if r.get("noise_calibration"):
         c = r["noise_calibration"]
         rows.append(("Noise calibration", f"z calibrated for target ε = {c['target_epsilon']:g} over {c['rounds']} rounds"))
+    for k, v in (r.get("plan") or {}).items():
+        rows.append((k, v))
     out = ["# Privacy report", "", r["statement"], "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
     if r["epsilon_at_other_delta"]:
-        out += ["", "## ε at other δ (RDP)", "", "| δ | ε |", "|---|---|"]
-        out += [f"| {d} | {'∞' if e is None else f'{e:.4f}'} |" for d, e in r["epsilon_at_other_delta"].items()]
+        out += ["", "## ε at other δ", "", "| δ | ε (RDP) | ε (PLD) |", "|---|---|---|"]
+        out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]
     if r["not_covered"]:
         out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
     out += [
@@ -200,3 +269,44 @@ def render_markdown(r: dict[str, Any]) -> str:
 def write(directory: str, report: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(directory, "privacy_report.json"), json.dumps(report, indent=2) + "\n")
     atomic_write_text(os.path.join(directory, "privacy_report.md"), render_markdown(report))
+
+
+def plot_run(directory: str, headline: str) -> str:
+    """privacy_report.png beside the report: ε spent, the adaptive clip norm and
+    the held-out ``headline`` metric, each over rounds, on one page."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(directory, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(col):
+        pts = [(int(r["round"]), float(r[col])) for r in rows if r.get(col) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
+    x, y = series("epsilon")
+    axes[0].plot(x, y, color="tab:red")
+    axes[0].set_ylabel("ε spent (RDP)")
+    axes[0].set_title("ε over rounds" if y else "ε over rounds: no DP (noise multiplier 0)")
+    x, y = series("clip_norm")
+    axes[1].plot(x, y, color="tab:blue")
+    axes[1].set_ylabel("adaptive clip norm")
+    col = f"eval_{headline}"
+    x, y = series(col)
+    axes[2].plot(x, y, marker="o", color="tab:green")
+    axes[2].set_ylabel(headline)
+    axes[2].set_xlabel("round (0 = after public pre-training)")
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(directory, "privacy_report.png")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -259,6 +259,13 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     t_train = time.monotonic()
     try:
         for r in range(1, cfg.rounds + 1):
+            eps = privacy.epsilon(pcfg, r)[0] if pcfg.is_private else None
+            if cfg.max_epsilon is not None and eps is not None and eps > cfg.max_epsilon:
+                spent = privacy.epsilon(pcfg, r - 1)[0] if r > 1 else 0.0
+                stop_reason = (f"privacy budget: round {r} would raise ε from {spent:.4g} to {eps:.4g}, above "
+                               f"--max_epsilon={cfg.max_epsilon:g}; stopped after round {r - 1}")
+                log(stop_reason)
+                break
             t0 = time.monotonic()
             ids = sampler.sample(r)
             round_seed = cfg.seed * 1_000_003 + r
@@ -268,7 +275,6 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
             rounds_run = r
             m = _flatten(result.metrics)
             train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
-            eps = privacy.epsilon(pcfg, r)[0] if pcfg.is_private else None
             rr = RoundResult(r, len(ids), time.monotonic() - t0, train,
                              m.get("aggregator/dp_query_metrics/clip"), eps)
             if r % cfg.eval_every == 0 or r == cfg.rounds or stop.signal:
@@ -301,6 +307,7 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
                        initialisation=None if pretrain is None else
                        f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")
     report.write(out, rep)
+    report.plot_run(out, task.headline_metric)
     summary = {
         "rounds_run": rounds_run, "stop_reason": stop_reason, "epsilon": rep["epsilon"], "delta": pcfg.delta,
         "eval": last_eval, "baselines": {k: v for k, v in task.summary.items() if k.startswith("baselines")},
