@@ -39,6 +39,9 @@ PUBLIC_PLAYS = (
 )
 UNSEEN_CLIENT_FRACTION = 0.1
 TEST_FRACTION = 0.2
+CANARY_PREFIX = ["the", "secret", "code", "is"]
+CANARY_WORDS = 5
+CANARY_REFERENCES = 5000
 EVAL_BATCH = 256  # logits are batch x seq_len x vocab floats: 256 x 20 x 10k = 205 MB
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -197,7 +200,8 @@ class _Data:
                 n_oov += sum(1 for t in s if t == OOV)
             if i in unseen:
                 x, y = to_sequences(sp, cfg.seq_len)
-                unseen_x.append(x), unseen_y.append(y)
+                if len(x):
+                    unseen_x.append(x), unseen_y.append(y)
                 continue
             n_test = int(TEST_FRACTION * len(sp))
             x, y = to_sequences(sp[: len(sp) - n_test], cfg.seq_len)
@@ -209,8 +213,10 @@ class _Data:
             tx, ty = to_sequences(sp[len(sp) - n_test :], cfg.seq_len)
             test_x.append(tx), test_y.append(ty)
         self.vocab = vocab
+        self.canaries = self._insert_canaries(cfg, len(vocab))
         self.test = (np.concatenate(test_x), np.concatenate(test_y))
         self.unseen = (np.concatenate(unseen_x), np.concatenate(unseen_y))
+        self.unseen_clients = list(zip(unseen_x, unseen_y))
         all_tx, all_ty = np.concatenate(self.train_x), np.concatenate(self.train_y)
         sizes = np.array([len(x) for x in self.train_x])
         self.summary = {
@@ -226,10 +232,53 @@ class _Data:
             "test_sequences_seen_clients": int(len(self.test[0])),
             "test_sequences_unseen_clients": int(len(self.unseen[0])),
             "seq_len": cfg.seq_len,
+            "canaries": [{"text": c["text"], "clients": [self.train_ids[h] for h in c["clients"]],
+                          "repeats_per_client": cfg.canary_repeats} for c in self.canaries],
             "baselines_this_split": ngram_baselines(all_tx, all_ty, *self.test, len(vocab)),
             "baselines_reference": {"unigram_top1": 0.082, "bigram_top1": 0.160,
                                     "note": "measured on this machine with a 10k vocabulary from all text"},
         }
+
+
+    def _insert_canaries(self, cfg, vocab_size: int) -> list[dict]:
+        """Secret-sharer canaries (Carlini et al. 2019): CANARY_PREFIX + CANARY_WORDS
+        random words, each inserted canary_repeats times into canary_clients
+        training clients. Random from the seed, so an audit can rebuild them."""
+        if not cfg.canaries:
+            return []
+        if cfg.canary_clients > len(self.train_ids):
+            raise TaskError(f"--canary_clients={cfg.canary_clients} exceeds the {len(self.train_ids)} training clients")
+        rng = np.random.default_rng([cfg.seed, 0xCA7A])
+        index = {w: i for i, w in enumerate(self.vocab)}
+        prefix = self.canary_prefix = [index.get(w, OOV) for w in CANARY_PREFIX]
+        out = []
+        for c in range(cfg.canaries):
+            secret = rng.integers(len(SPECIALS), vocab_size, CANARY_WORDS).tolist()
+            holders = sorted(rng.choice(len(self.train_ids), cfg.canary_clients, replace=False).tolist())
+            x, y = to_sequences([prefix + secret], cfg.seq_len)
+            for h in holders:
+                self.train_x[h] = np.concatenate([self.train_x[h]] + [x] * cfg.canary_repeats)
+                self.train_y[h] = np.concatenate([self.train_y[h]] + [y] * cfg.canary_repeats)
+            out.append({"secret": secret, "text": " ".join(CANARY_PREFIX + [self.vocab[t] for t in secret]),
+                        "clients": holders})
+        return out
+
+
+def phrase_log_perplexity(model, prefix: list[int], secrets: np.ndarray, seq_len: int) -> np.ndarray:
+    """-sum log p(secret words | BOS, prefix, earlier secret words), one per row of secrets."""
+    secrets = np.asarray(secrets, np.int32)
+    n, k = secrets.shape
+    x = np.zeros((n, seq_len), np.int32)
+    x[:, 0] = BOS
+    x[:, 1 : 1 + len(prefix)] = prefix
+    x[:, 1 + len(prefix) : 1 + len(prefix) + k] = secrets
+    out = []
+    for s in range(0, n, EVAL_BATCH):
+        logp = tf.nn.log_softmax(model(x[s : s + EVAL_BATCH], training=False)).numpy()
+        pos = np.arange(len(prefix), len(prefix) + k)  # position t predicts token t+1
+        rows = np.arange(len(logp))[:, None]
+        out.append(-logp[rows, pos[None, :], secrets[s : s + EVAL_BATCH]].sum(1))
+    return np.concatenate(out)
 
 
 def build(cfg) -> Task:
@@ -270,6 +319,32 @@ def build(cfg) -> Task:
             out.update({f"{split}_{k}": v for k, v in vals.items()})
         return out
 
+    def client_loss(model, x, y) -> float:
+        m = models.MaskedTokenLoss(PAD)
+        for start in range(0, len(x), EVAL_BATCH):
+            m.update_state(y[start : start + EVAL_BATCH], model(x[start : start + EVAL_BATCH], training=False))
+        return float(m.result())
+
+    def audit(model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:
+        """Scores for the attacks: per client, minus the mean token loss on
+        its own text; members = training clients that took part in at least
+        one round (their training speeches), non-members = unseen clients."""
+        rng = np.random.default_rng([seed, 0xA0D1])
+        non = data.unseen_clients
+        members = participated if len(participated) <= len(non) else rng.choice(participated, len(non), replace=False)
+        out = {"member_scores": np.array([-client_loss(model, data.train_x[i], data.train_y[i]) for i in members]),
+               "nonmember_scores": np.array([-client_loss(model, x, y) for x, y in non])}
+        if data.canaries:
+            prefix = data.canary_prefix
+            refs = np.random.default_rng([seed, 0x5EC]).integers(len(SPECIALS), vocab_size,
+                                                                  (CANARY_REFERENCES, CANARY_WORDS))
+            out["canaries"] = [{"text": c["text"], "clients": c["clients"]} for c in data.canaries]
+            out["canary_log_perplexity"] = phrase_log_perplexity(model, prefix, [c["secret"] for c in data.canaries],
+                                                                 seq_len)
+            out["reference_log_perplexity"] = phrase_log_perplexity(model, prefix, refs, seq_len)
+            out["canary_space_log2"] = CANARY_WORDS * float(np.log2(vocab_size - len(SPECIALS)))
+        return out
+
     def export(model: tf.keras.Model, path: str) -> None:
         export_lm(model, data.vocab, seq_len, path)
 
@@ -286,6 +361,7 @@ def build(cfg) -> Task:
         privacy_unit="one speaking role of one play (a user of the keyboard): all of that user's text",
         headline_metric="test_top1_accuracy",
         public_data=data.public,
+        audit=audit,
         public_data_source=f"{len(PUBLIC_PLAYS)} public plays never used as clients ({', '.join(PUBLIC_PLAYS)}): "
                            f"{len(data.public[0])} sequences",
     )

@@ -129,7 +129,7 @@ def test_plot_beside_report(trained_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
+def test_budget_guard_stops_before_the_round_that_would_exceed_and_audit_runs(tmp_path):
     from tff_pipeline import privacy
 
     from conftest import SMALL, run_script
@@ -139,7 +139,8 @@ def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
     budget = (e2 + e3) / 2
     out = tmp_path / "guard"
     p = run_script("train.py", f"--output_dir={out}", "--rounds=5", "--clients_per_round=8",
-                   "--noise_multiplier=0.5", f"--max_epsilon={budget}", "--eval_every=5", *SMALL)
+                   "--noise_multiplier=0.5", f"--max_epsilon={budget}", "--eval_every=5", "--audit", "--canaries=2", "--canary_clients=3",
+                   *SMALL)
     assert p.returncode == 0, p.stderr[-3000:]
     r = load_json(os.path.join(out, "privacy_report.json"))
     assert r["rounds_run"] == 2 and r["rounds_planned"] == 5
@@ -149,3 +150,26 @@ def test_budget_guard_stops_before_the_round_that_would_exceed(tmp_path):
         assert [int(x["round"]) for x in csv.DictReader(f)] == [1, 2]
     assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))
     assert "privacy budget: round 3" in p.stdout
+    # --audit with canaries: results in audit.json and in the report, beside the accountant's ε.
+    a = load_json(os.path.join(out, "audit.json"))
+    mi = a["membership_inference"]
+    assert mi["non_members"] == 126 and 0 < mi["members"] <= 126 and 0 <= mi["auc"] <= 1
+    assert a["accountant_epsilon"] == pytest.approx(e2) and a["consistent_with_accountant"]
+    assert len(a["canaries"]) == 2 and all(len(c["clients"]) == 3 and c["references"] == 5000 for c in a["canaries"])
+    assert r["empirical_audit"] == a
+    assert "## Empirical audit" in open(os.path.join(out, "privacy_report.md")).read()
+    assert "audit: membership inference AUC" in p.stdout
+    canaries = load_json(os.path.join(out, "config.json"))["data"]["canaries"]
+    assert [c["text"] for c in canaries] == [c["text"] for c in a["canaries"]]
+
+
+def test_standalone_audit_of_a_run(trained_run):
+    from conftest import run_script
+
+    p = run_script("audit.py", f"--run_dir={trained_run['dir']}", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_json(os.path.join(trained_run["dir"], "audit.json"))
+    assert "canaries" not in a and a["membership_inference"]["non_members"] == 126
+    line = [l for l in p.stdout.splitlines() if l.startswith("membership inference: AUC")][0]
+    assert f"AUC {a['membership_inference']['auc']:.4f}" in line
+    assert load_json(os.path.join(trained_run["dir"], "privacy_report.json"))["empirical_audit"] == a

@@ -38,6 +38,12 @@ HELP = {
                               "no privacy cost) before federated training. 0 = start from random weights.",
     "freeze_layers": "Comma-separated Keras layer names kept fixed during federated training (e.g. "
                      "token_embedding,logits after public pre-training): fewer trained parameters, less DP noise.",
+    "audit": "After training, attack the model: client-level membership inference (training vs unseen "
+             "clients) and, with --canaries, secret-sharer exposure; results in audit.json and the report.",
+    "canaries": "Secret-sharer canaries (Carlini et al. 2019): random phrases inserted into clients' training data, "
+                "for --audit. 0 = none. They change the training data: use only for audit runs.",
+    "canary_clients": "Clients that hold each canary.",
+    "canary_repeats": "Copies of the canary in each of those clients' training data.",
     "seed": "Seed for data splits and client sampling.",
     "eval_every": "Evaluate on held-out data every N rounds.",
     "vocab_size": "Vocabulary size (keyboard), from public sources.",

@@ -43,6 +43,11 @@ class TrainConfig:
     seed: int = 0
     public_pretrain_epochs: int = 0
     freeze_layers: str = ""
+    # Empirical audit (tff_pipeline.audit): membership inference, canaries.
+    audit: bool = False
+    canaries: int = 0
+    canary_clients: int = 1
+    canary_repeats: int = 10
     eval_every: int = 10
     # Model / data shape (keyboard).
     vocab_size: int = 10000
@@ -85,6 +90,9 @@ class TrainConfig:
              f"--server_optimizer={self.server_optimizer!r} must be adam or sgdm")
         need(self.public_pretrain_epochs >= 0,
              f"--public_pretrain_epochs={self.public_pretrain_epochs} must be >= 0 (0 = no pre-training)")
+        need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
+        need(self.canary_clients >= 1, f"--canary_clients={self.canary_clients} must be at least 1")
+        need(self.canary_repeats >= 1, f"--canary_repeats={self.canary_repeats} must be at least 1")
         for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",
                      "model_dim", "heads", "layers", "ff_dim"):
             v = getattr(self, name)

@@ -242,6 +242,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]
     if r["not_covered"]:
         out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
+    if r.get("empirical_audit"):
+        from tff_pipeline import audit
+
+        out += ["", audit.render_markdown(r["empirical_audit"]).rstrip()]
     out += [
         "",
         "## Recompute it yourself",

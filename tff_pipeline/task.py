@@ -31,6 +31,8 @@ class Task:
       headline_metric: the eval metric printed in progress lines.
       public_data: optional (x, y) arrays from public sources (never from
         the clients), for central pre-training at no privacy cost.
+      audit: optional (model, participating client ids, seed) -> attack
+        scores (see tff_pipeline.audit).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Task:
     headline_metric: str
     public_data: Any = None
     public_data_source: str = ""
+    audit: Any = None
 
     def __post_init__(self):
         if self.population < 1:

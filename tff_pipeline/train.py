@@ -306,6 +306,13 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
                        stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED,
                        initialisation=None if pretrain is None else
                        f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")
+    if cfg.audit:
+        from tff_pipeline import audit
+
+        log("auditing: membership inference" + (" and canary exposure" if cfg.canaries else "") + " ...")
+        rep["empirical_audit"] = audit.run(task, keras_model, audit.participants(pcfg, cfg.seed, rounds_run),
+                                           cfg.seed, pcfg.delta, rep["epsilon"])
+        report.atomic_write_text(os.path.join(out, "audit.json"), json.dumps(rep["empirical_audit"], indent=2) + "\n")
     report.write(out, rep)
     report.plot_run(out, task.headline_metric)
     summary = {
@@ -320,6 +327,17 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     log(rep["statement"])
     log("")
     log(f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+    if cfg.audit:
+        a = rep["empirical_audit"]
+        mi = a["membership_inference"]
+        acc_eps = "∞" if rep["epsilon"] is None else f"{rep['epsilon']:.4f}"
+        log(f"audit: membership inference AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
+            f"{mi['epsilon_lower_bound']:.4f} (accountant ε {acc_eps})"
+            + (f"; canary exposure {a['canary_exposure_mean']:.2f} bits" if a.get("canaries") else ""))
+        summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
+                            "epsilon_lower_bound": mi["epsilon_lower_bound"],
+                            "canary_exposure_mean": a.get("canary_exposure_mean")}
+        report.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
     log(f"SavedModel:     {export_dir}")
     log(f"metrics:        {os.path.join(out, 'metrics.csv')}")

@@ -1,0 +1,227 @@
+"""Empirical privacy audit: attacks that try to break the accountant's ε.
+
+tensorflow-privacy 0.9.0's wheel does not ship its ``privacy_tests`` package
+(membership inference, secret sharer, ε lower bounds; see BUILD_NOTES.md), so
+the same published methods are implemented here with numpy/scipy:
+
+* Membership inference by loss threshold (Yeom et al. 2018,
+  https://arxiv.org/abs/1709.01604), scored per client because the unit of
+  privacy is the client: attack AUC and advantage max(TPR - FPR).
+* An ε lower bound from the attack's error rates (Jagielski et al. 2020,
+  https://arxiv.org/abs/2006.07709; Nasr et al. 2021): an (ε, δ)-DP mechanism
+  forces TPR <= e^ε FPR + δ for every threshold, so
+  ε >= log((TPR - δ) / FPR), evaluated with Clopper-Pearson confidence bounds
+  so the lower bound holds with the stated confidence; the threshold is
+  picked on one half of the data and the bound computed on the other.
+* Secret-sharer exposure of inserted canaries (Carlini et al. 2019,
+  https://arxiv.org/abs/1802.08232): exposure = log2|R| - log2 rank, with the
+  rank among random reference phrases of the same format, and an estimate
+  beyond the reference set from a skew-normal fit (as in tensorflow-privacy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+
+def roc(member_scores: np.ndarray, nonmember_scores: np.ndarray):
+    """Attack predicts 'member' when score >= t (scores: higher = more member-like).
+    Returns (fpr, tpr, tp counts, fp counts) over all thresholds."""
+    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    thresholds = np.unique(np.concatenate([m, n, [np.inf]]))[::-1]
+    tp = np.array([(m >= t).sum() for t in thresholds])
+    fp = np.array([(n >= t).sum() for t in thresholds])
+    return fp / len(n), tp / len(m), tp, fp
+
+
+def auc(member_scores, nonmember_scores) -> float:
+    """Probability that a random member scores above a random non-member (ties count half)."""
+    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    greater = (m[:, None] > n[None, :]).mean()
+    ties = (m[:, None] == n[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def _clopper_pearson(k: np.ndarray, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.stats import beta
+
+    k = np.asarray(k, float)
+    lo = np.where(k > 0, beta.ppf(alpha / 2, k, n - k + 1), 0.0)
+    hi = np.where(k < n, beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
+    return lo, hi
+
+
+def _bounds_at(m, n, t, delta, alpha):
+    """ε proven at threshold t by Clopper-Pearson bounds on TPR and FPR."""
+    tp, fp = int((m >= t).sum()), int((n >= t).sum())
+    tpr_lo, tpr_hi = (float(v) for v in _clopper_pearson(np.array([tp]), len(m), alpha))
+    fpr_lo, fpr_hi = (float(v) for v in _clopper_pearson(np.array([fp]), len(n), alpha))
+    best = 0.0
+    # TPR <= e^ε FPR + δ, and TNR <= e^ε FNR + δ: lower-bound the left, upper-bound the right.
+    for num, den in ((tpr_lo - delta, fpr_hi), (1 - fpr_hi - delta, 1 - tpr_lo)):
+        if num > 0 and den > 0:
+            best = max(best, math.log(num / den))
+    return best
+
+
+def epsilon_lower_bound(member_scores, nonmember_scores, delta: float, confidence: float = 0.95,
+                        seed: int = 0) -> float:
+    """An ε that the attack proves with the given confidence. The threshold is
+    chosen on a random half of the members and non-members, and the bound is
+    computed on the other half only (choosing it on the same data would
+    overstate it); TPR and FPR get two-sided Clopper-Pearson intervals. 0 when
+    nothing is proven."""
+    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    if len(m) < 4 or len(n) < 4:
+        return 0.0
+    rng = np.random.default_rng([seed, 0xEB])
+    pm, pn = rng.permutation(len(m)), rng.permutation(len(n))
+    m_sel, m_eval = m[pm[: len(m) // 2]], m[pm[len(m) // 2 :]]
+    n_sel, n_eval = n[pn[: len(n) // 2]], n[pn[len(n) // 2 :]]
+    alpha = 1 - confidence
+    candidates = np.unique(np.concatenate([m_sel, n_sel]))
+    if not len(candidates):
+        return 0.0
+    t = max(candidates, key=lambda t: _bounds_at(m_sel, n_sel, t, delta, alpha))
+    return _bounds_at(m_eval, n_eval, t, delta, alpha)
+
+
+def membership_inference(member_scores, nonmember_scores, delta: float, confidence: float = 0.95) -> dict[str, Any]:
+    fpr, tpr, _, _ = roc(member_scores, nonmember_scores)
+    return {
+        "attack": "loss threshold (Yeom et al. 2018), one score per client: minus the mean token loss",
+        "members": int(len(member_scores)),
+        "non_members": int(len(nonmember_scores)),
+        "auc": auc(member_scores, nonmember_scores),
+        "advantage": float(np.max(tpr - fpr)),
+        "epsilon_lower_bound": epsilon_lower_bound(member_scores, nonmember_scores, delta, confidence),
+        "confidence": confidence,
+    }
+
+
+def exposure(canary_log_perplexity: float, reference_log_perplexities: np.ndarray,
+             space_size_log2: float) -> dict[str, float]:
+    """Secret-sharer exposure of one canary (Carlini et al. 2019).
+
+    rank: 1 + number of references the model finds at least as likely.
+    exposure_rank = log2(#references + 1) - log2(rank) (bounded by the reference count);
+    exposure_extrapolated = -log2 P(reference <= canary) under a skew-normal fit,
+    capped at log2 of the size of the canary space."""
+    from scipy.stats import skewnorm
+
+    ref = np.asarray(reference_log_perplexities, float)
+    rank = 1 + int((ref <= canary_log_perplexity).sum())
+    rank_exposure = math.log2(len(ref) + 1) - math.log2(rank)
+    params = skewnorm.fit(ref)
+    cdf = float(skewnorm.cdf(canary_log_perplexity, *params))
+    extrapolated = space_size_log2 if cdf <= 0 else min(space_size_log2, -math.log2(cdf))
+    return {"rank": rank, "references": int(len(ref)), "exposure_rank": rank_exposure,
+            "exposure_extrapolated": extrapolated, "max_exposure": space_size_log2}
+
+
+def run(task, model, participated: np.ndarray, seed: int, delta: float, accountant_epsilon) -> dict[str, Any]:
+    """All attacks the task supports against ``model``; a JSON-able summary."""
+    if task.audit is None:
+        from tff_pipeline.config import ConfigError
+
+        raise ConfigError(f"--audit: task {task.name!r} has no audit; run without --audit")
+    s = task.audit(model, np.asarray(participated), seed)
+    out: dict[str, Any] = {
+        "accountant_epsilon": accountant_epsilon,
+        "delta": delta,
+        "membership_inference": membership_inference(s["member_scores"], s["nonmember_scores"], delta),
+        "members_are": "training clients that took part in at least one round (their training text)",
+        "non_members_are": "unseen clients (never trained on)",
+    }
+    if "canaries" in s:
+        rows = []
+        for c, lp in zip(s["canaries"], s["canary_log_perplexity"]):
+            rows.append({**c, "log_perplexity": float(lp),
+                         **exposure(float(lp), s["reference_log_perplexity"], s["canary_space_log2"])})
+        out["canaries"] = rows
+        out["canary_exposure_mean"] = float(np.mean([r["exposure_extrapolated"] for r in rows]))
+        out["canary_exposure_rank_mean"] = float(np.mean([r["exposure_rank"] for r in rows]))
+    lb = out["membership_inference"]["epsilon_lower_bound"]
+    out["consistent_with_accountant"] = accountant_epsilon is None or lb <= accountant_epsilon
+    return out
+
+
+def render_markdown(a: dict[str, Any]) -> str:
+    mi = a["membership_inference"]
+    eps = "∞ (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.4f}"
+    out = ["## Empirical audit", "",
+           f"Membership inference ({mi['attack']}): {mi['members']} members ({a['members_are']}) vs "
+           f"{mi['non_members']} non-members ({a['non_members_are']}).", "",
+           "| | |", "|---|---|",
+           f"| attack AUC | {mi['auc']:.4f} |", f"| attack advantage (max TPR − FPR) | {mi['advantage']:.4f} |",
+           f"| ε lower bound ({mi['confidence']:.0%} confidence) | {mi['epsilon_lower_bound']:.4f} |",
+           f"| accountant ε (upper bound) | {eps} |",
+           f"| consistent | {'yes' if a['consistent_with_accountant'] else '**NO: the attack proves more than the accountant allows**'} |"]
+    if a.get("canaries"):
+        out += ["", f"Canaries (secret sharer): mean exposure {a['canary_exposure_mean']:.2f} bits "
+                    f"(rank-based {a['canary_exposure_rank_mean']:.2f}; max {a['canaries'][0]['max_exposure']:.1f}).", "",
+                "| canary | clients | rank / references | exposure (rank) | exposure (extrapolated) |",
+                "|---|---|---|---|---|"]
+        out += [f"| {c['text']} | {len(c['clients'])} | {c['rank']} / {c['references']} | {c['exposure_rank']:.2f} | "
+                f"{c['exposure_extrapolated']:.2f} |" for c in a["canaries"]]
+    return "\n".join(out) + "\n"
+
+
+def participants(pcfg, seed: int, rounds: int) -> np.ndarray:
+    """Clients that the run's sampler put in at least one of its rounds."""
+    sampler = pcfg.sampler(seed)
+    ids = [sampler.sample(r) for r in range(1, rounds + 1)]
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, int)
+
+
+def render_text(a: dict[str, Any]) -> str:
+    mi = a["membership_inference"]
+    eps = "∞ (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.4f}"
+    lines = [f"membership inference: AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
+             f"{mi['epsilon_lower_bound']:.4f} ({mi['confidence']:.0%} confidence) vs accountant ε {eps}: "
+             + ("consistent" if a["consistent_with_accountant"] else "INCONSISTENT")]
+    if a.get("canaries"):
+        lines.append(f"canaries: mean exposure {a['canary_exposure_mean']:.2f} bits (extrapolated), "
+                     f"{a['canary_exposure_rank_mean']:.2f} bits (rank among {a['canaries'][0]['references']} "
+                     f"references), of at most {a['canaries'][0]['max_exposure']:.1f}")
+    return "\n".join(lines)
+
+
+def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
+    """Rebuilds a run's task and model from its directory and audits it."""
+    import json
+    import os
+
+    from tff_pipeline import report
+    from tff_pipeline.config import ConfigError, TrainConfig
+    from tff_pipeline.privacy import PrivacyConfig
+
+    if not run_dir:
+        raise ConfigError("--run_dir is required: a training run's --output_dir")
+    need = ("config.json", "privacy_report.json", "final_weights.h5")
+    missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
+    if missing:
+        raise ConfigError(f"--run_dir={run_dir} is not a finished training run (missing {', '.join(missing)})")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(run_dir, "privacy_report.json")) as f:
+        rep = json.load(f)
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved["config"].items() if k in names})
+    pcfg = PrivacyConfig(**saved["privacy"])
+    import tasks
+    from tff_pipeline import dp_fedavg
+
+    task = tasks.build(cfg)
+    model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
+    model.load_weights(os.path.join(run_dir, "final_weights.h5"))
+    a = run(task, model, participants(pcfg, cfg.seed, rep["rounds_run"]), cfg.seed, pcfg.delta, rep["epsilon"])
+    report.atomic_write_text(os.path.join(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
+    rep["empirical_audit"] = a
+    report.write(run_dir, rep)
+    return a
