@@ -40,7 +40,7 @@ flags.DEFINE_integer("batch_size", None, "Expected DP-SGD batch size (unit=examp
 flags.DEFINE_integer("local_steps", None, "DP-SGD steps per client per round (unit=example).")
 flags.DEFINE_string("run_dir", None, "Re-derive ε of this training run from its recorded DpEvent.")
 flags.DEFINE_enum("format", "text", ["text", "json", "markdown"], "Output format on stdout.")
-flags.DEFINE_string("output_dir", None, "Also write privacy_report.json/.md here.")
+flags.DEFINE_string("output_dir", None, "Also write privacy_report.json/.md (and a plan's ε-over-rounds plot, privacy_report.png) here.")
 FLAGS = flags.FLAGS
 
 
@@ -58,6 +58,7 @@ def main(argv):
     if FLAGS.output_dir:
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         report.write(FLAGS.output_dir, rep)
+        planner.plot_curve(rep, FLAGS.output_dir)
     if FLAGS.format == "json":
         print(json.dumps(rep, indent=2))
     elif FLAGS.format == "markdown":

@@ -193,6 +193,7 @@ class _Data:
         self.train_ids, self.train_x, self.train_y = [], [], []
         test_x, test_y, unseen_x, unseen_y = [], [], [], []
         n_tokens = n_oov = 0
+        self.test_by_client, self.unseen_split = [], []
         for i, cid in enumerate(ids):
             sp = clients[cid]
             for s in sp:
@@ -202,6 +203,10 @@ class _Data:
                 x, y = to_sequences(sp, cfg.seq_len)
                 if len(x):
                     unseen_x.append(x), unseen_y.append(y)
+                n_late = int(TEST_FRACTION * len(sp))
+                early, late = to_sequences(sp[: len(sp) - n_late], cfg.seq_len), to_sequences(sp[len(sp) - n_late :], cfg.seq_len)
+                if len(early[0]) and len(late[0]):
+                    self.unseen_split.append((early, late))
                 continue
             n_test = int(TEST_FRACTION * len(sp))
             x, y = to_sequences(sp[: len(sp) - n_test], cfg.seq_len)
@@ -212,6 +217,7 @@ class _Data:
             self.train_y.append(y)
             tx, ty = to_sequences(sp[len(sp) - n_test :], cfg.seq_len)
             test_x.append(tx), test_y.append(ty)
+            self.test_by_client.append((tx, ty))
         self.vocab = vocab
         self.canaries = self._insert_canaries(cfg, len(vocab))
         self.test = (np.concatenate(test_x), np.concatenate(test_y))
@@ -326,14 +332,22 @@ def build(cfg) -> Task:
         return float(m.result())
 
     def audit(model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:
-        """Scores for the attacks: per client, minus the mean token loss on
-        its own text; members = training clients that took part in at least
-        one round (their training speeches), non-members = unseen clients."""
+        """Scores for the attacks, one per client, calibrated to the client's
+        own text (Watson et al. 2022, https://arxiv.org/abs/2111.08440): mean
+        token loss on its later speeches minus on its earlier ones. For members
+        (training clients that took part in at least one round) the earlier
+        speeches are their training text; for non-members (unseen clients)
+        neither part was trained on."""
         rng = np.random.default_rng([seed, 0xA0D1])
-        non = data.unseen_clients
-        members = participated if len(participated) <= len(non) else rng.choice(participated, len(non), replace=False)
-        out = {"member_scores": np.array([-client_loss(model, data.train_x[i], data.train_y[i]) for i in members]),
-               "nonmember_scores": np.array([-client_loss(model, x, y) for x, y in non])}
+        non = data.unseen_split
+        eligible = [i for i in participated if len(data.test_by_client[i][0])]
+        members = eligible if len(eligible) <= len(non) else rng.choice(eligible, len(non), replace=False)
+        out = {"member_scores": np.array([client_loss(model, *data.test_by_client[i])
+                                          - client_loss(model, data.train_x[i], data.train_y[i]) for i in members]),
+               "nonmember_scores": np.array([client_loss(model, *late) - client_loss(model, *early)
+                                             for early, late in non]),
+               "attack": "loss difference, one score per client: mean token loss on its later (held-out) speeches "
+                         "minus on its earlier speeches (training text for members), Watson et al. 2022"}
         if data.canaries:
             prefix = data.canary_prefix
             refs = np.random.default_rng([seed, 0x5EC]).integers(len(SPECIALS), vocab_size,

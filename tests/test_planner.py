@@ -103,3 +103,14 @@ def test_errors_are_one_line(flags, expected):
     p = run_script("privacy_report.py", *flags, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1].startswith(expected), p.stderr
+
+
+def test_plan_writes_report_files_and_curve(tmp_path):
+    p = run_script("privacy_report.py", "--population=1139", "--clients_per_round=20", "--noise_multiplier=0.8",
+                   "--rounds=30", f"--output_dir={tmp_path}", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.load(open(tmp_path / "privacy_report.json"))
+    curve = r["epsilon_curve"]
+    assert curve[-1] == [30, pytest.approx(r["epsilon"])] and all(a[1] < b[1] for a, b in zip(curve, curve[1:]))
+    assert (tmp_path / "privacy_report.md").read_text().startswith("# Privacy report")
+    assert (tmp_path / "privacy_report.png").read_bytes()[:4] == b"\x89PNG"

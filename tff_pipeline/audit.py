@@ -5,8 +5,10 @@ tensorflow-privacy 0.9.0's wheel does not ship its ``privacy_tests`` package
 the same published methods are implemented here with numpy/scipy:
 
 * Membership inference by loss threshold (Yeom et al. 2018,
-  https://arxiv.org/abs/1709.01604), scored per client because the unit of
-  privacy is the client: attack AUC and advantage max(TPR - FPR).
+  https://arxiv.org/abs/1709.01604) on scores the task provides (the
+  keyboard task calibrates each client's loss by its own held-out text,
+  Watson et al. 2022), one score per client because the unit of privacy is
+  the client: attack AUC and advantage max(TPR - FPR).
 * An ε lower bound from the attack's error rates (Jagielski et al. 2020,
   https://arxiv.org/abs/2006.07709; Nasr et al. 2021): an (ε, δ)-DP mechanism
   forces TPR <= e^ε FPR + δ for every threshold, so
@@ -89,10 +91,11 @@ def epsilon_lower_bound(member_scores, nonmember_scores, delta: float, confidenc
     return _bounds_at(m_eval, n_eval, t, delta, alpha)
 
 
-def membership_inference(member_scores, nonmember_scores, delta: float, confidence: float = 0.95) -> dict[str, Any]:
+def membership_inference(member_scores, nonmember_scores, delta: float, confidence: float = 0.95,
+                         attack: str = "loss threshold (Yeom et al. 2018), one score per client") -> dict[str, Any]:
     fpr, tpr, _, _ = roc(member_scores, nonmember_scores)
     return {
-        "attack": "loss threshold (Yeom et al. 2018), one score per client: minus the mean token loss",
+        "attack": attack,
         "members": int(len(member_scores)),
         "non_members": int(len(nonmember_scores)),
         "auc": auc(member_scores, nonmember_scores),
@@ -132,8 +135,9 @@ def run(task, model, participated: np.ndarray, seed: int, delta: float, accounta
     out: dict[str, Any] = {
         "accountant_epsilon": accountant_epsilon,
         "delta": delta,
-        "membership_inference": membership_inference(s["member_scores"], s["nonmember_scores"], delta),
-        "members_are": "training clients that took part in at least one round (their training text)",
+        "membership_inference": membership_inference(s["member_scores"], s["nonmember_scores"], delta,
+                                                     **({"attack": s["attack"]} if "attack" in s else {})),
+        "members_are": "training clients that took part in at least one round",
         "non_members_are": "unseen clients (never trained on)",
     }
     if "canaries" in s:

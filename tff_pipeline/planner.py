@@ -107,6 +107,9 @@ def plan(req: PlanRequest) -> dict[str, Any]:
                        noise_calibration=({"target_epsilon": req.target_epsilon, "rounds": rounds,
                                            "calibrated_noise_multiplier": z}
                                           if solved.get("solved_for") == "noise_multiplier" else None))
+    if cfg.is_private:
+        grid = sorted({max(1, round(rounds * i / 40)) for i in range(1, 41)})
+        rep["epsilon_curve"] = [[r, privacy.epsilon(cfg, r)[0]] for r in grid]
     if solved:
         rep["solved"] = solved
         rep["plan"] = {"Solved for": solved["solved_for"],
@@ -181,3 +184,27 @@ def render_text(rep: dict[str, Any]) -> str:
 
 
 __all__ = ["PlanRequest", "plan", "rederive", "render_text", "PrivacyConfigError"]
+
+
+def plot_curve(rep: dict[str, Any], directory: str) -> Optional[str]:
+    """privacy_report.png of a plan: ε (RDP) over rounds."""
+    if not rep.get("epsilon_curve"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = zip(*rep["epsilon_curve"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, y, color="tab:red")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"ε (RDP) at δ = {rep['delta']:g}")
+    ax.set_title(f"planned ε over rounds ({rep['unit_of_privacy']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(directory, "privacy_report.png")
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
