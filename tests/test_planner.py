@@ -38,6 +38,12 @@ def test_sampling_probability_is_the_same_plan():
     assert a["epsilon"] == pytest.approx(2.1014, abs=1e-4)
 
 
+def test_calibration_is_not_cut_short_by_the_adaptive_clipping_bound():
+    # The search may try z above 2 σ_b; only the answer must respect it (z = 1.1435 < 2 x 1).
+    r = planner.plan(planner.PlanRequest(population=1139, clients_per_round=20, rounds=30, target_epsilon=1.0))
+    assert r["noise_multiplier"] == pytest.approx(1.1435, abs=1e-3) and r["epsilon"] <= 1.0
+
+
 def test_backward_noise_for_target_epsilon():
     r = _json("--population=1139", "--clients_per_round=20", "--rounds=30", "--target_epsilon=8")
     z = r["solved"]["noise_multiplier"]
@@ -94,8 +100,8 @@ def test_planner_never_imports_tensorflow():
 @pytest.mark.parametrize("flags, expected", [
     (["--population=1139"], "error: --clients_per_round is required"),
     (["--population=1139", "--clients_per_round=20", "--target_epsilon=1"], "error: --target_epsilon needs --rounds"),
-    (["--population=1139", "--clients_per_round=20", "--rounds=30", "--target_epsilon=1"],
-     "error: --noise_multiplier=2.98"),
+    (["--population=1139", "--clients_per_round=20", "--rounds=300", "--target_epsilon=0.3"],
+     "error: --target_epsilon=0.3 over --rounds=300 needs noise multiplier 3.915, too large for adaptive clipping"),
     (["--unit=example", "--noise_multiplier=1", "--rounds=3"], "error: --examples_per_client is required"),
     (["--run_dir=/nonexistent"], "error: --run_dir=/nonexistent has no privacy_report.json"),
 ])

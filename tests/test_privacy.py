@@ -108,3 +108,11 @@ def test_privacy_module_does_not_import_tff():
            "print('tensorflow_federated' in sys.modules, 'tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=__file__.rsplit('/tests', 1)[0])
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_calibrated_noise_too_large_for_adaptive_clipping_names_the_target():
+    with pytest.raises(PrivacyConfigError, match=r"^--target_epsilon=0.3 over --rounds=300 needs noise multiplier "
+                                                 r"3.9\d*, too large for adaptive clipping.*raise --target_epsilon$"):
+        privacy.calibrate_noise_multiplier(0.3, 300, 1139, 20, 1e-5)
+    # The search itself may pass through z > 2 σ_b: ε = 1 over 30 rounds needs z = 1.14 < 2.
+    assert privacy.calibrate_noise_multiplier(1.0, 30, 1139, 20, 1e-5) == pytest.approx(1.1435, abs=1e-3)

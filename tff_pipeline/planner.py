@@ -39,8 +39,10 @@ def _need(value, flag: str, why: str):
     return value
 
 
-def _config_factory(req: PlanRequest):
-    """z -> the privacy config of the request (client or example level)."""
+def _config_factory(req: PlanRequest, searching: bool = False):
+    """z -> the privacy config of the request (client or example level).
+    While searching for z, the adaptive-clipping bound on z is not checked
+    (the DpEvent does not depend on σ_b); the answer is checked after."""
     if req.unit == "example":
         why = "with --unit=example"
         n = _need(req.examples_per_client, "examples_per_client", why)
@@ -62,7 +64,8 @@ def _config_factory(req: PlanRequest):
         cpr = q * pop
     else:
         cpr = _need(req.clients_per_round, "clients_per_round", "(or --sampling_probability) with --unit=client")
-    return lambda z: PrivacyConfig(pop, cpr, z, req.delta, req.sampling, req.clipped_count_stddev)
+    sb = math.inf if searching else req.clipped_count_stddev
+    return lambda z: PrivacyConfig(pop, cpr, z, req.delta, req.sampling, sb)
 
 
 def plan(req: PlanRequest) -> dict[str, Any]:
@@ -84,9 +87,10 @@ def plan(req: PlanRequest) -> dict[str, Any]:
             raise ConfigError("with --target_epsilon give --rounds (to solve for the noise multiplier) or "
                               "--noise_multiplier (to solve for rounds), not both")
         if rounds is not None:
-            z = privacy.calibrate(make, rounds, req.target_epsilon, req.delta)
+            z = privacy.calibrate(_config_factory(req, searching=True), rounds, req.target_epsilon, req.delta)
             if req.unit == "client":
-                privacy.check_adaptive_clipping(z, make(1.0).clients_per_round, req.clipped_count_stddev)
+                privacy.check_calibrated(z, make(1.0).clients_per_round, req.clipped_count_stddev,
+                                         req.target_epsilon, rounds)
             solved = {"solved_for": "noise_multiplier", "noise_multiplier": z}
         elif z is not None:
             rounds = privacy.affordable_rounds(make(z), req.target_epsilon)

@@ -282,8 +282,19 @@ def calibrate_noise_multiplier(
     # Brent's method stops within tol; step up until ε is within the target.
     while epsilon(cfg_for(z), rounds)[0] > target_epsilon:
         z *= 1.0001
-    check_adaptive_clipping(z, clients_per_round, clipped_count_stddev)
+    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds)
     return z
+
+
+def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_epsilon: float, rounds: int) -> None:
+    """check_adaptive_clipping for a calibrated z, with a message about the target."""
+    try:
+        check_adaptive_clipping(z, clients_per_round, clipped_count_stddev)
+    except PrivacyConfigError as e:
+        fix = str(e).split("; ", 1)[1].replace("or lower --noise_multiplier", "or raise --target_epsilon")
+        raise PrivacyConfigError(
+            f"--target_epsilon={target_epsilon:g} over --rounds={rounds} needs noise multiplier {z:.4g}, too large "
+            f"for adaptive clipping (z must be < 2 x clipped_count_stddev); {fix}") from None
 
 
 def zcdp_rho(cfg, rounds: int) -> Optional[float]:
