@@ -4,6 +4,7 @@ import importlib
 
 REGISTRY = {
     "keyboard": "tasks.keyboard",
+    "medical": "tasks.medical",
 }
 
 

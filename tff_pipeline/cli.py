@@ -11,7 +11,7 @@ import typing
 from absl import app, flags, logging
 
 HELP = {
-    "task": "Task to train: keyboard.",
+    "task": "Task to train: keyboard or medical.",
     "output_dir": "Run directory for config.json, metrics.csv, privacy_report.*, saved_model/.",
     "rounds": "Federated rounds to run (planned; the accountant counts rounds actually run).",
     "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",
@@ -22,6 +22,11 @@ HELP = {
     "max_epsilon": "Budget guard: before each round, stop if running it would bring ε above this "
                    "(the model and report are still written, and say why training stopped).",
     "delta": "δ of the (ε, δ) guarantee; keep it well below 1/population.",
+    "privacy_unit": "Unit of privacy: client (DP-FedAvg, user level), example (DP-SGD inside each client, "
+                    "record level: patients), or auto (the task's default: keyboard client, medical example).",
+    "l2_norm_clip": "Per-example L2 clip of DP-SGD (--privacy_unit=example; Abadi et al. 2016).",
+    "local_steps": "DP-SGD steps per client per round (--privacy_unit=example); --batch_size is the expected "
+                   "Poisson batch size.",
     "initial_clip": "Initial L2 clip norm C_0 of adaptive clipping (Andrew et al. 2021).",
     "target_unclipped_quantile": "Target fraction γ of client updates left unclipped (Andrew et al. 2021).",
     "clip_learning_rate": "Learning rate η_C of the geometric clip update (Andrew et al. 2021).",

@@ -32,6 +32,11 @@ class TrainConfig:
     target_unclipped_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_stddev: Optional[float] = None
+    # Unit of privacy: client (DP-FedAvg) or example (DP-SGD inside each
+    # client, Abadi et al. 2016); auto = the task's default.
+    privacy_unit: str = "auto"
+    l2_norm_clip: float = 1.0
+    local_steps: int = 10
     # Optimisation.
     client_learning_rate: float = 0.5
     server_optimizer: str = "adam"
@@ -80,6 +85,10 @@ class TrainConfig:
                  f"--max_epsilon={self.max_epsilon} needs differential privacy, but --noise_multiplier=0 makes ε "
                  f"infinite; set --noise_multiplier > 0 or --target_epsilon")
         need(self.sampling in ("poisson", "fixed"), f"--sampling={self.sampling!r} must be poisson or fixed")
+        need(self.privacy_unit in ("auto", "client", "example"),
+             f"--privacy_unit={self.privacy_unit!r} must be auto, client or example")
+        need(self.l2_norm_clip > 0, f"--l2_norm_clip={self.l2_norm_clip} must be > 0")
+        need(self.local_steps >= 1, f"--local_steps={self.local_steps} must be at least 1")
         need(self.initial_clip > 0, f"--initial_clip={self.initial_clip} must be > 0")
         need(0 <= self.target_unclipped_quantile <= 1,
              f"--target_unclipped_quantile={self.target_unclipped_quantile} must be in [0, 1]")

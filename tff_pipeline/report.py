@@ -91,6 +91,7 @@ def build(
     initialisation: Optional[str] = None,
     mechanism: Optional[str] = None,
     kind: str = "training run",
+    per_client: Optional[dict] = None,
 ) -> dict[str, Any]:
     """The report of a run (or, with kind="plan", of a planned run).
 
@@ -130,6 +131,16 @@ def build(
         "not_covered": list(not_covered),
         "model_initialisation": initialisation or "random (no pre-training)",
     }
+    if per_client:
+        report["per_client"] = per_client
+        report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
+                                "(largest sampling rate q)")
+    if not example and pcfg.population <= 20:
+        report["small_population_warning"] = (
+            f"Only {pcfg.population} clients: client-level DP protects a whole client (e.g. a hospital with all its "
+            f"records), and with so few clients a small ε needs noise that swamps the averaged update, while a "
+            f"large ε says little. For cross-silo data the unit that matters is usually the record "
+            f"(--privacy_unit=example).")
     if not example:
         report["update_noise_multiplier"] = privacy.update_noise_multiplier(pcfg)
         report["clipped_count_stddev"] = pcfg.effective_clipped_count_stddev
@@ -188,6 +199,8 @@ def statement(r: dict[str, Any]) -> str:
     if r.get("model_initialisation", "").startswith("pre-trained"):
         text += (f" The starting model was {r['model_initialisation']}; that data is public, holds no client's "
                  f"data, and costs no privacy.")
+    if r.get("small_population_warning"):
+        text += " " + r["small_population_warning"]
     if r["not_covered"]:
         text += " Not covered: " + " ".join(r["not_covered"])
     return text
@@ -237,6 +250,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         rows.append((k, v))
     out = ["# Privacy report", "", r["statement"], "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in rows]
+    if r.get("per_client"):
+        out += ["", "## Per client", "", f"ε above is {r['epsilon_is']}.", "", "| client | examples | q | ε (RDP) |",
+                "|---|---|---|---|"]
+        out += [f"| {k} | {c['examples']} | {c['q']:.4g} | {_fmt(c['epsilon'])} |" for k, c in r["per_client"].items()]
     if r["epsilon_at_other_delta"]:
         out += ["", "## ε at other δ", "", "| δ | ε (RDP) | ε (PLD) |", "|---|---|---|"]
         out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]

@@ -33,6 +33,9 @@ class Task:
         the clients), for central pre-training at no privacy cost.
       audit: optional (model, participating client ids, seed) -> attack
         scores (see tff_pipeline.audit).
+      default_privacy_unit: "client" (DP-FedAvg) or "example" (DP-SGD in
+        each client) when --privacy_unit=auto.
+      example_counts, client_names: per client, for example-level accounting.
     """
 
     name: str
@@ -49,6 +52,9 @@ class Task:
     public_data: Any = None
     public_data_source: str = ""
     audit: Any = None
+    default_privacy_unit: str = "client"
+    example_counts: tuple = ()
+    client_names: tuple = ()
 
     def __post_init__(self):
         if self.population < 1:

@@ -181,6 +181,43 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+class _EveryClient:
+    """Cross-silo rounds: every client, every round (no sampling claimed)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def sample(self, round_num: int):
+        import numpy as np
+
+        return np.arange(self.n)
+
+
+def resolve_example_privacy(cfg: TrainConfig, task):
+    """Example-level DP (DP-SGD in each client): the accounting config of the
+    client with the fewest examples (largest q, hence largest ε: the
+    guarantee every record gets), z (calibrated with --target_epsilon), and
+    each client's own config."""
+    if not task.example_counts:
+        raise ConfigError(f"--privacy_unit=example: task {task.name!r} does not support example-level DP; "
+                          f"use --privacy_unit=client")
+    n_min = min(task.example_counts)
+
+    def make(z):
+        return privacy.ExampleLevelConfig(n_min, cfg.batch_size, cfg.local_steps, z, cfg.delta)
+
+    calib = None
+    if cfg.target_epsilon is not None:
+        z = privacy.calibrate(make, cfg.rounds, cfg.target_epsilon, cfg.delta)
+        calib = {"target_epsilon": cfg.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
+    else:
+        z = 0.0 if cfg.noise_multiplier is None else cfg.noise_multiplier
+    per_client = {name: {"examples": n, "q": cfg.batch_size / n,
+                         "config": privacy.ExampleLevelConfig(n, cfg.batch_size, cfg.local_steps, z, cfg.delta)}
+                  for name, n in zip(task.client_names, task.example_counts)}
+    return make(z), calib, per_client
+
+
 def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[str, Any]:
     """Central training on the task's public data (no client's data, so no
     privacy cost); the federated rounds start from these weights."""
@@ -217,13 +254,18 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     prepare_output_dir(cfg.output_dir, overwrite)
 
     task = tasks.build(cfg)
-    pcfg, calib = resolve_privacy(cfg, task.population)
+    unit = task.default_privacy_unit if cfg.privacy_unit == "auto" else cfg.privacy_unit
+    if unit == "example":
+        pcfg, calib, per_client = resolve_example_privacy(cfg, task)
+    else:
+        pcfg, calib = resolve_privacy(cfg, task.population)
+        per_client = None
     out = cfg.output_dir
     log(f"task {task.name}: {task.population} training clients; "
         + (f"noise multiplier {pcfg.noise_multiplier:.4f}" + (" (calibrated)" if calib else "")
            if pcfg.is_private else "noise multiplier 0: NO differential privacy"))
     report.atomic_write_text(os.path.join(out, "config.json"), json.dumps({
-        "config": cfg.to_json(), "privacy": dataclasses.asdict(pcfg), "noise_calibration": calib,
+        "config": cfg.to_json(), "privacy_unit": unit, "privacy": dataclasses.asdict(pcfg), "noise_calibration": calib,
         "data": task.summary, "versions": package_versions(), "command": sys.argv,
     }, indent=2, default=str) + "\n")
     for stale in ("metrics.csv",):
@@ -234,7 +276,12 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
 
     runtime.install_context()
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
-    process = dp_fedavg.build_process(task, cfg, pcfg)
+    if unit == "example":
+        from tff_pipeline import dp_sgd
+
+        process = dp_sgd.build_process(task, cfg, pcfg.noise_multiplier, cfg.frozen_layers)
+    else:
+        process = dp_fedavg.build_process(task, cfg, pcfg)
     state = process.initialize()
     keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
     pretrain = None
@@ -243,11 +290,15 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
         import tensorflow_federated as tff
 
         state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
-    sampler = pcfg.sampler(cfg.seed)
+    sampler = pcfg.sampler(cfg.seed) if unit == "client" else _EveryClient(task.population)
     hooks: list[Callback] = [MetricsCsv(os.path.join(out, "metrics.csv")),
                              Progress(cfg.rounds, task.headline_metric), *callbacks]
-    log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
-        f"{pcfg.clients_per_round} clients ({pcfg.sampling} sampling, q={pcfg.sampling_probability:.4g})")
+    if unit == "client":
+        log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
+            f"{pcfg.clients_per_round} clients ({pcfg.sampling} sampling, q={pcfg.sampling_probability:.4g})")
+    else:
+        log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of all {task.population} "
+            f"clients, each with {cfg.local_steps} DP-SGD steps per round (expected batch {cfg.batch_size})")
 
     if pretrain is not None:
         for h in hooks:
@@ -275,8 +326,10 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
             rounds_run = r
             m = _flatten(result.metrics)
             train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
-            rr = RoundResult(r, len(ids), time.monotonic() - t0, train,
-                             m.get("aggregator/dp_query_metrics/clip"), eps)
+            if "client_work/fraction_clipped" in m:
+                train["fraction_clipped"] = m["client_work/fraction_clipped"]
+            clip = m.get("aggregator/dp_query_metrics/clip") if unit == "client" else cfg.l2_norm_clip
+            rr = RoundResult(r, len(ids), time.monotonic() - t0, train, clip, eps)
             if r % cfg.eval_every == 0 or r == cfg.rounds or stop.signal:
                 process.get_model_weights(state).assign_weights_to(keras_model)
                 rr.eval = last_eval = task.evaluate(keras_model)
@@ -302,7 +355,12 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     os.replace(tmp_dir, export_dir)
     keras_model.save_weights(os.path.join(out, "final_weights.h5"))
 
+    if per_client:
+        for c in per_client.values():
+            c_cfg = c.pop("config")
+            c["epsilon"] = privacy.epsilon(c_cfg, rounds_run)[0] if pcfg.is_private else None
     rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
+                       per_client=per_client,
                        stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED,
                        initialisation=None if pretrain is None else
                        f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")

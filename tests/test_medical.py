@@ -1,0 +1,124 @@
+"""Medical task: the four hospitals, leak-free preprocessing, example-level
+DP-SGD accounting, and the SavedModel that scores raw patient records."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dp_accounting
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
+
+from conftest import load_json, run_script
+
+MED = ["--task=medical", "--model_dim=16", "--heads=2", "--layers=1", "--ff_dim=32", "--batch_size=16",
+       "--local_steps=3", "--client_learning_rate=0.1", "--server_optimizer=sgdm", "--server_learning_rate=1.0"]
+
+
+@pytest.fixture(scope="module")
+def medical():
+    from tasks import medical
+
+    return medical
+
+
+def test_four_hospitals_stratified_split(medical):
+    clients = medical.load(seed=0)
+    sizes = {c["name"]: len(c["train"][1]) + len(c["test"][1]) for c in clients}
+    assert sizes == {"Cleveland": 304, "Hungary": 293, "Switzerland": 123, "VA Long Beach": 200}
+    for c in clients:
+        (xtr, ytr), (xte, yte) = c["train"], c["test"]
+        assert len(yte) == pytest.approx(0.25 * (len(ytr) + len(yte)), abs=1.5)
+        assert abs(ytr.mean() - yte.mean()) < 0.06  # stratified
+    assert [len(c["test"][1]) for c in medical.load(seed=0)] == [len(c["test"][1]) for c in clients]
+
+
+def test_encoding_is_per_record_and_marks_missing(medical):
+    rows = pd.DataFrame({
+        "age": [63, 50], "trestbps": [145, 0], "chol": [0, np.nan], "thalch": [150, 120], "oldpeak": [2.3, np.nan],
+        "ca": [np.nan, 1], "sex": ["Male", "Female"], "cp": ["typical angina", ""], "fbs": ["TRUE", None],
+        "restecg": ["normal", "lv hypertrophy"], "exang": ["FALSE", "TRUE"], "slope": [None, "flat"],
+        "thal": ["fixed defect", "unknown-value"]})
+    x = medical.encode(rows)
+    n = medical.N_NUM
+    names = list(medical.NUMERIC)
+    assert x[0, names.index("age")] == pytest.approx((63 - 55) / 10)
+    assert x[0, n + names.index("chol")] == 1 and x[1, n + names.index("trestbps")] == 1  # zero = missing
+    assert x[1, n + names.index("oldpeak")] == 1 and x[0, n + names.index("ca")] == 1
+    cats = list(medical.CATEGORICAL)
+    assert x[1, 2 * n + cats.index("cp")] == 0 and x[0, 2 * n + cats.index("slope")] == 0
+    assert x[1, 2 * n + cats.index("thal")] == 0 and x[0, 2 * n + cats.index("fbs")] == 2
+    # No statistics of other records: each row encodes the same alone.
+    np.testing.assert_array_equal(medical.encode(rows.iloc[1:]), x[1:])
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("med") / "run")
+    p = run_script("train.py", f"--output_dir={out}", "--rounds=3", "--noise_multiplier=1.2", "--eval_every=3", *MED)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
+def test_example_level_report_matches_dp_accounting(dp_run):
+    out, p = dp_run
+    r = load_json(os.path.join(out, "privacy_report.json"))
+    assert r["unit_of_privacy"] == "example (record level)" and r["example_is"] == "one patient record"
+    per = r["per_client"]
+    assert {k: v["examples"] for k, v in per.items()} == {"Cleveland": 228, "Hungary": 220, "Switzerland": 92,
+                                                           "VA Long Beach": 150}
+
+    def eps(n):
+        ev = dp_accounting.SelfComposedDpEvent(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(16 / n, dp_accounting.GaussianDpEvent(1.2)), 3), 3)
+        return rdp.RdpAccountant().compose(ev).get_epsilon(1e-5)
+
+    for v in per.values():
+        assert v["epsilon"] == pytest.approx(eps(v["examples"]), rel=1e-9)
+    assert r["epsilon"] == pytest.approx(eps(92), rel=1e-9) == max(v["epsilon"] for v in per.values())
+    assert "at the example level" in r["statement"] and "3 steps per round" in r["statement"]
+    assert "Switzerland_accuracy" in load_json(os.path.join(out, "summary.json"))["eval"]
+
+
+SERVE = """
+import json, sys
+import numpy as np, tensorflow as tf
+f = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+rows = json.loads(sys.argv[2])
+feed = {k: tf.constant([np.nan if v is None else v for v in vals], tf.float32) if k in json.loads(sys.argv[3])
+        else tf.constant(["" if v is None else v for v in vals]) for k, vals in rows.items()}
+print(json.dumps(f(**feed)["probability"].numpy().tolist()))
+"""
+
+
+def test_saved_model_scores_raw_records_like_keras(dp_run, medical):
+    out, _ = dp_run
+    raw = {"age": [63, 41], "trestbps": [145, None], "chol": [233, 0], "thalch": [150, 172], "oldpeak": [2.3, None],
+           "ca": [0, None], "sex": ["Male", "Female"], "cp": ["typical angina", "atypical angina"],
+           "fbs": ["TRUE", None], "restecg": ["lv hypertrophy", "normal"], "exang": ["FALSE", "FALSE"],
+           "slope": ["downsloping", None], "thal": ["fixed defect", None]}
+    p = subprocess.run([sys.executable, "-c", SERVE, os.path.join(out, "saved_model"), json.dumps(raw),
+                        json.dumps(list(medical.NUMERIC))], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    served = np.array(json.loads(p.stdout.strip().splitlines()[-1]))
+    import tensorflow as tf
+
+    cfg = load_json(os.path.join(out, "config.json"))["config"]
+    model = medical.ft_transformer(cfg["model_dim"], cfg["heads"], cfg["layers"], cfg["ff_dim"])
+    model.load_weights(os.path.join(out, "final_weights.h5"))
+    expected = tf.sigmoid(model(medical.encode(pd.DataFrame(raw)))).numpy()[:, 0]
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert ((served > 0) & (served < 1)).all()
+
+
+def test_client_level_on_four_hospitals_says_what_it_means(tmp_path):
+    p = run_script("train.py", f"--output_dir={tmp_path / 'c'}", "--privacy_unit=client", "--clients_per_round=4",
+                   "--sampling=fixed", "--noise_multiplier=0.3", "--rounds=1", *MED)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = load_json(os.path.join(tmp_path / "c", "privacy_report.json"))
+    assert r["unit_of_privacy"] == "client (user level)" and r["sampling"]["population"] == 4
+    assert r["small_population_warning"].startswith("Only 4 clients") and "--privacy_unit=example" in r["statement"]

@@ -1,0 +1,124 @@
+"""Example-level DP: DP-SGD inside each client, as a TFF ClientWorkProcess.
+
+Each round, each client takes ``local_steps`` DP-SGD steps (Abadi et al. 2016,
+https://arxiv.org/abs/1607.00133) from the broadcast model: every step draws
+its batch by Poisson sampling (each of the client's n examples joins with
+probability q = batch_size / n, exactly as ``privacy.ExampleLevelConfig``
+accounts it), clips each example's gradient to L2 norm ``l2_norm_clip``,
+sums, adds Gaussian noise N(0, (z · clip)²) per coordinate, and divides by
+the expected batch size (tensorflow-privacy's ``GaussianSumQuery`` semantics,
+the same as its DP Keras optimizers). The client sends its model delta; the
+server averages the deltas (unweighted) and applies them.
+
+TFF composes it: ``compose_learning_process(distributor, this client work,
+MeanFactory aggregator with client weights 1 (an unweighted mean), optimizer finalizer)``.
+
+Noise seeds come from the clock and a stateful random op, so they differ
+every round and are not derivable from the run's seed.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+
+def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: float, noise_multiplier: float,
+                      local_steps: int, expected_batch_size: int):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    with tf.Graph().as_default():
+        model = model_fn()
+        metrics_agg = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
+    element_type = tff.types.tensorflow_to_type(model.input_spec)
+    data_type = tff.SequenceType(element_type)
+    weights_type = tff.learning.models.weights_type_from_model(model)
+
+    def make_update():
+        model = model_fn()
+        loss_obj = loss_fn()
+        loss_obj.reduction = tf.keras.losses.Reduction.NONE
+
+        @tf.function  # automatic control dependencies: every assignment runs, in order
+        def update(initial_weights, dataset):
+            weights = tff.learning.models.ModelWeights.from_model(model)
+            tf.nest.map_structure(lambda a, b: a.assign(b), weights, initial_weights)
+            trainable = weights.trainable
+            x, y = tf.data.experimental.get_single_element(dataset)  # the whole client, one element
+            n = tf.shape(x)[0]
+            q = tf.minimum(1.0, expected_batch_size / tf.cast(n, tf.float32))
+            seed0 = tf.cast(tf.timestamp() * 1e6, tf.int64) % (2**62)
+            seed1 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
+            clipped = tf.constant(0.0)
+            for step in tf.range(local_steps, dtype=tf.int64):
+                take = tf.random.stateless_uniform([n], seed=tf.stack([seed0, seed1 + step * 7919])) < q
+                # Per-example gradients of the Poisson-sampled batch only (its size is random).
+                xb, yb = tf.boolean_mask(x, take), tf.boolean_mask(y, take)
+                m = tf.shape(xb)[0]
+                with tf.GradientTape() as tape:
+                    losses = loss_obj(yb, model.predict_on_batch(xb, training=True))
+                jac = tape.jacobian(losses, trainable, experimental_use_pfor=True)
+                jac = [tf.zeros([0] + v.shape.as_list()) if j is None else j for v, j in zip(trainable, jac)]
+                norms = tf.sqrt(tf.add_n([tf.reduce_sum(tf.reshape(j, [m, -1]) ** 2, axis=1) for j in jac]))
+                factor = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
+                clipped += tf.reduce_mean(tf.cast(norms > l2_norm_clip, tf.float32)) if m > 0 else 0.0
+                for i, (v, j) in enumerate(zip(trainable, jac)):
+                    noise = tf.random.stateless_normal(tf.shape(v), seed=tf.stack([seed0 + i + 1, seed1 + step * 7919]),
+                                                       stddev=noise_multiplier * l2_norm_clip)
+                    v.assign_sub(learning_rate * (tf.tensordot(factor, j, axes=1) + noise) / float(expected_batch_size))
+            # Metrics of the local model on the client's data (operator-side, not private).
+            model.forward_pass((x, y), training=False)
+            delta = tf.nest.map_structure(tf.subtract, initial_weights.trainable, trainable)
+            result = tff.learning.templates.ClientResult(update=delta, update_weight=tf.constant(1.0))
+            return result, model.report_local_unfinalized_metrics(), clipped / float(local_steps)
+
+        return update
+
+    @tff.tensorflow.computation(weights_type, data_type)
+    def client_update(initial_weights, dataset):
+        return make_update()(initial_weights, dataset)
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
+                               tff.FederatedType(data_type, tff.CLIENTS))
+    def next_fn(state, weights, data):
+        result, model_out, clipped = tff.federated_map(client_update, (weights, data))
+        measurements = tff.federated_zip(collections.OrderedDict(
+            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped)))
+        return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def build_process(task, cfg, noise_multiplier: float, frozen=()):
+    """The example-level DP learning process for ``task``."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg
+
+    model_fn = dp_fedavg.model_fn_for(task, frozen)
+    with tf.Graph().as_default():
+        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+
+    @tff.tensorflow.computation
+    def initial_weights():
+        return tff.learning.models.ModelWeights.from_model(model_fn())
+
+    client_work = build_client_work(model_fn, task.loss, learning_rate=cfg.client_learning_rate,
+                                    l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise_multiplier,
+                                    local_steps=cfg.local_steps, expected_batch_size=cfg.batch_size)
+    # Weighted mean with every client weight 1.0: the unweighted mean of the client deltas.
+    aggregator = tff.aggregators.MeanFactory().create(weights_type.trainable, tff.TensorType(np.float32))
+    opt = tff.learning.optimizers
+    server = (opt.build_adam(learning_rate=cfg.server_learning_rate, epsilon=1e-3) if cfg.server_optimizer == "adam"
+              else opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum))
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(server, weights_type)
+    distributor = tff.learning.templates.build_broadcast_process(weights_type)
+    return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
+                                                           finalizer)
