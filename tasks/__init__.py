@@ -5,6 +5,7 @@ import importlib
 REGISTRY = {
     "keyboard": "tasks.keyboard",
     "medical": "tasks.medical",
+    "traffic": "tasks.traffic",
 }
 
 

@@ -280,7 +280,7 @@ def phrase_log_perplexity(model, prefix: list[int], secrets: np.ndarray, seq_len
     x[:, 1 + len(prefix) : 1 + len(prefix) + k] = secrets
     out = []
     for s in range(0, n, EVAL_BATCH):
-        logp = tf.nn.log_softmax(model(x[s : s + EVAL_BATCH], training=False)).numpy()
+        logp = tf.nn.log_softmax(models.inference_fn(model)(x[s : s + EVAL_BATCH])).numpy()
         pos = np.arange(len(prefix), len(prefix) + k)  # position t predicts token t+1
         rows = np.arange(len(logp))[:, None]
         out.append(-logp[rows, pos[None, :], secrets[s : s + EVAL_BATCH]].sum(1))
@@ -316,8 +316,9 @@ def build(cfg) -> Task:
         out = {}
         for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
             ms = metrics()
+            infer = models.inference_fn(model)
             for start in range(0, len(x), EVAL_BATCH):
-                logits = model(x[start : start + EVAL_BATCH], training=False)
+                logits = infer(x[start : start + EVAL_BATCH])
                 for m in ms:
                     m.update_state(y[start : start + EVAL_BATCH], logits)
             vals = {m.name: float(m.result()) for m in ms}
@@ -327,8 +328,9 @@ def build(cfg) -> Task:
 
     def client_loss(model, x, y) -> float:
         m = models.MaskedTokenLoss(PAD)
+        infer = models.inference_fn(model)
         for start in range(0, len(x), EVAL_BATCH):
-            m.update_state(y[start : start + EVAL_BATCH], model(x[start : start + EVAL_BATCH], training=False))
+            m.update_state(y[start : start + EVAL_BATCH], infer(x[start : start + EVAL_BATCH]))
         return float(m.result())
 
     def audit(model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:

@@ -15,8 +15,19 @@ PY = sys.executable
 
 from tff_pipeline import runtime  # noqa: E402
 
-# Workers already running when the session started (e.g. a user's own run).
-WORKERS_AT_START = frozenset(runtime.live_worker_pids())
+# Every command this session starts (and its TFF worker) inherits this marker;
+# workers of other runs on the machine are not this session's business.
+import uuid  # noqa: E402
+
+os.environ["TFF_PIPELINE_TEST_SESSION"] = uuid.uuid4().hex
+MARKER = "TFF_PIPELINE_TEST_SESSION=" + os.environ["TFF_PIPELINE_TEST_SESSION"]
+
+
+def session_workers():
+    return set(runtime.live_worker_pids(MARKER))
+
+
+WORKERS_AT_START = frozenset(session_workers())
 
 # A small but real configuration: real Shakespeare clients, a small model.
 SMALL = ["--vocab_size=2000", "--model_dim=32", "--heads=2", "--ff_dim=64", "--max_client_examples=16",

@@ -7,7 +7,7 @@ import sys
 import time
 
 from tff_pipeline import runtime
-from conftest import ROOT, SMALL, WORKERS_AT_START, run_script
+from conftest import ROOT, SMALL, WORKERS_AT_START, run_script, session_workers
 
 
 def _children_workers(pid):
@@ -25,11 +25,11 @@ def _children_workers(pid):
 def test_piped_run_exits_and_leaves_no_worker(trained_run):
     # The session fixture ran scripts/train.py with stdout/stderr piped: it returned,
     # so the pipes were closed. No worker may remain from it or any other command.
-    before = set(runtime.live_worker_pids())
+    before = session_workers()
     p = run_script("train.py", "--output_dir=" + os.path.join(os.path.dirname(trained_run["dir"]), "tiny"),
                    "--rounds=1", "--clients_per_round=4", "--noise_multiplier=0", *SMALL, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert set(runtime.live_worker_pids()) <= before
+    assert session_workers() <= before
     assert "round    1/1" in p.stdout  # progress went through the pipe
 
 
@@ -62,4 +62,4 @@ def _zombie(pid):
 def test_no_worker_left_by_this_session():
     # Runs last (file order): every command the session started has ended.
     runtime.stop_workers()
-    assert set(runtime.live_worker_pids()) <= WORKERS_AT_START
+    assert session_workers() <= WORKERS_AT_START

@@ -11,7 +11,11 @@ import typing
 from absl import app, flags, logging
 
 HELP = {
-    "task": "Task to train: keyboard or medical.",
+    "task": "Task to train: keyboard, medical or traffic.",
+    "traffic_data": "Traffic task: your own data, an .h5 file in the METR-LA/PEMS-BAY (DCRNN) layout or a .csv "
+                    "(timestamp column + one column per sensor). Default: the embedded Auckland pedestrian counts.",
+    "history": "Traffic task: history window length in time steps.",
+    "horizon": "Traffic task: forecast horizon in time steps.",
     "output_dir": "Run directory for config.json, metrics.csv, privacy_report.*, saved_model/.",
     "rounds": "Federated rounds to run (planned; the accountant counts rounds actually run).",
     "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",

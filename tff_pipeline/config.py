@@ -61,6 +61,10 @@ class TrainConfig:
     heads: int = 4
     layers: int = 1
     ff_dim: int = 192
+    # Traffic task.
+    traffic_data: str = ""
+    history: int = 168
+    horizon: int = 24
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -102,6 +106,9 @@ class TrainConfig:
         need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
         need(self.canary_clients >= 1, f"--canary_clients={self.canary_clients} must be at least 1")
         need(self.canary_repeats >= 1, f"--canary_repeats={self.canary_repeats} must be at least 1")
+        for name in ("history", "horizon"):
+            v = getattr(self, name)
+            need(v >= 1, f"--{name}={v} must be at least 1")
         for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",
                      "model_dim", "heads", "layers", "ff_dim"):
             v = getattr(self, name)

@@ -135,7 +135,7 @@ def build(
         report["per_client"] = per_client
         report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
                                 "(largest sampling rate q)")
-    if not example and pcfg.population <= 20:
+    if not example and pcfg.population <= 50:
         report["small_population_warning"] = (
             f"Only {pcfg.population} clients: client-level DP protects a whole client (e.g. a hospital with all its "
             f"records), and with so few clients a small ε needs noise that swamps the averaged update, while a "

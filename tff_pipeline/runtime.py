@@ -159,8 +159,11 @@ def install_context() -> None:
     _context_set = True
 
 
-def live_worker_pids() -> list[int]:
-    """PIDs of every ``worker_binary`` process on this machine (any parent)."""
+def live_worker_pids(marker: Optional[str] = None) -> list[int]:
+    """PIDs of every ``worker_binary`` process on this machine (any parent);
+    with ``marker``, only those whose environment holds it (a test session
+    sets one, which its commands and their workers inherit, so other runs on
+    the machine do not count)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -171,5 +174,12 @@ def live_worker_pids() -> list[int]:
         except OSError:
             continue
         if cmd.endswith(b"worker_binary"):
+            if marker is not None:
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as f:
+                        if marker.encode() not in f.read().split(b"\0"):
+                            continue
+                except OSError:
+                    continue
             pids.append(int(entry))
     return pids

@@ -1,0 +1,119 @@
+"""Traffic loaders on small files the tests write: DCRNN-style HDF5, CSV,
+and the real defects (duplicates, gaps, late sensors) plus bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import traffic
+from tff_pipeline.task import TaskError
+
+
+def _frame(n=400, sensors=("s1", "s2"), freq="5min"):
+    idx = pd.date_range("2024-01-01", periods=n, freq=freq)
+    t = np.arange(n)
+    return pd.DataFrame({s: 50 + 10 * np.sin(2 * np.pi * t / 288 + k) for k, s in enumerate(sensors)}, index=idx)
+
+
+def test_hdf5_dcrnn_layout_zero_is_missing(tmp_path):
+    df = _frame()
+    df.iloc[10, 0] = 0.0
+    df.to_hdf(tmp_path / "metr.h5", key="df")
+    frame, info = traffic.load_file(str(tmp_path / "metr.h5"))
+    assert info["zero_is_missing"] and np.isnan(frame.iloc[10, 0]) and list(frame.columns) == ["s1", "s2"]
+    reg, rep = traffic.regularise(frame)
+    assert rep["step"] == str(pd.Timedelta("5min")) and rep["missing_steps_added"] == 0
+
+
+def test_csv_with_duplicates_and_gaps(tmp_path):
+    df = _frame(freq="h")
+    df = pd.concat([df.iloc[:100], df.iloc[99:100], df.iloc[105:]])  # one duplicate, 5 missing hours
+    df.index.name = "timestamp"
+    df.to_csv(tmp_path / "t.csv")
+    frame, info = traffic.load_file(str(tmp_path / "t.csv"))
+    reg, rep = traffic.regularise(frame)
+    assert rep["duplicate_timestamps_averaged"] == 1 and rep["missing_steps_added"] == 5 and len(reg) == 400
+    assert reg.iloc[100:105].isna().all().all()
+
+
+def test_windows_split_by_time_and_normalised_per_window():
+    v = np.arange(100, dtype=float)
+    v[50] = np.nan
+    starts = traffic.valid_starts(v, 10, 3, 0, 80)
+    assert starts.max() + 10 + 3 <= 80  # training targets end before the cut
+    assert not any(s + 10 <= 50 < s + 13 for s in starts)  # no window with a missing target
+    test = traffic.valid_starts(v, 10, 3, 80, 100)
+    assert test.min() + 10 >= 80
+    tf_ = np.zeros((100, 4), np.float32)
+    x, y, mu, sd = traffic.make_windows(v, tf_, np.array([0]), 10, 3)
+    assert mu[0] == pytest.approx(4.5) and x[0, :, 0].mean() == pytest.approx(0, abs=1e-6)
+    np.testing.assert_allclose(y[0] * sd[0] + mu[0], [10, 11, 12], rtol=1e-6)
+
+
+def test_the_embedded_auckland_data_has_its_known_defects():
+    frame, _ = traffic.load_akl()
+    reg, rep = traffic.regularise(frame)
+    assert len(reg.columns) == 21 and rep["duplicate_timestamps_averaged"] == 6 and rep["missing_steps_added"] >= 7
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("x.csv", "time,a\nnot-a-time,1\n", "first column 'time' must be timestamps; cannot read 'not-a-time'"),
+    ("x.csv", "time,a\n2024-01-01 00:00,1\n2024-01-01 01:00,abc\n", "sensor 'a' has a non-numeric value 'abc'"),
+    ("x.txt", "hello", "unknown file type '.txt'"),
+])
+def test_bad_files_are_named(tmp_path, name, content, expected):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TaskError, match=expected):
+        traffic.load_file(str(tmp_path / name))
+
+
+def test_missing_file_and_empty_sensor(tmp_path):
+    with pytest.raises(TaskError, match="no such file"):
+        traffic.load_file(str(tmp_path / "nope.h5"))
+    df = _frame(freq="h")
+    df["dead"] = np.nan
+    with pytest.raises(TaskError, match="sensor 'dead' has no values at all"):
+        traffic.regularise(df)
+
+
+def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import load_json, run_script
+
+    df = _frame(n=600, sensors=("a", "b", "c"), freq="h") * 3
+    df.index.name = "timestamp"
+    df.to_csv(tmp_path / "mine.csv")
+    out = tmp_path / "run"
+    p = run_script("train.py", "--task=traffic", f"--traffic_data={tmp_path / 'mine.csv'}", f"--output_dir={out}",
+                   "--history=24", "--horizon=3", "--rounds=2", "--clients_per_round=3", "--noise_multiplier=0",
+                   "--model_dim=16", "--heads=2", "--ff_dim=32", "--max_client_examples=16", "--batch_size=8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = load_json(out / "summary.json")
+    assert set(s["eval"]) >= {"test_h1_mae", "test_h3_rmse", "a_h1_wape"}
+    r = load_json(out / "privacy_report.json")
+    assert r["sampling"]["population"] == 3 and r["small_population_warning"].startswith("Only 3 clients")
+    hist = df["a"].to_numpy()[:24].astype(np.float32)
+    hist[5] = np.nan
+    hours = df.index[:24].hour.to_numpy().astype(np.float32)
+    dows = df.index[:24].dayofweek.to_numpy().astype(np.int32)
+    code = ("import json,sys,numpy as np,tensorflow as tf\n"
+            "f=tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+            "h,hr,dw=(np.array(json.loads(a), dtype=float) for a in sys.argv[2:5])\n"
+            "print(json.dumps(f(history=tf.constant([h],tf.float32),hour_of_day=tf.constant([hr],tf.float32),"
+            "day_of_week=tf.constant([dw.astype(np.int32)],tf.int32))['forecast'].numpy().tolist()))")
+    q = subprocess.run([sys.executable, "-c", code, str(out / "saved_model"),
+                        json.dumps([None if np.isnan(v) else float(v) for v in hist]), json.dumps(hours.tolist()),
+                        json.dumps(dows.tolist())], capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr[-2000:]
+    served = np.array(json.loads(q.stdout.strip().splitlines()[-1]))[0]
+    cfg = load_json(out / "config.json")["config"]
+    model = traffic.forecaster(24, 3, cfg["model_dim"], cfg["heads"], cfg["layers"], cfg["ff_dim"])
+    model.load_weights(os.path.join(out, "final_weights.h5"))
+    idx = df.index[:27]
+    x, _, mu, sd = traffic.make_windows(np.r_[hist, np.zeros(3)].astype(float), traffic.time_features(idx),
+                                        np.array([0]), 24, 3)
+    np.testing.assert_allclose(served, model(x).numpy()[0] * sd[0] + mu[0], rtol=1e-4, atol=1e-3)
