@@ -64,17 +64,22 @@ def model_fn_for(task: Task, frozen: tuple[str, ...] = ()):
     return model_fn
 
 
-def build_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig):
+def server_optimizer(cfg: TrainConfig):
+    """The server optimizer of --server_optimizer (shared by both DP units)."""
     import tensorflow_federated as tff
 
     opt = tff.learning.optimizers
     if cfg.server_optimizer == "adam":
-        server = opt.build_adam(learning_rate=cfg.server_learning_rate, epsilon=1e-3)
-    else:
-        server = opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum)
+        return opt.build_adam(learning_rate=cfg.server_learning_rate, epsilon=1e-3)
+    return opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum)
+
+
+def build_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig):
+    import tensorflow_federated as tff
+
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn_for(task, cfg.frozen_layers),
-        client_optimizer_fn=opt.build_sgdm(learning_rate=cfg.client_learning_rate),
-        server_optimizer_fn=server,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),
+        server_optimizer_fn=server_optimizer(cfg),
         model_aggregator=build_aggregator(cfg, pcfg),
     )

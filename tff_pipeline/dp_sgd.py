@@ -115,10 +115,7 @@ def build_process(task, cfg, noise_multiplier: float, frozen=()):
                                     local_steps=cfg.local_steps, expected_batch_size=cfg.batch_size)
     # Weighted mean with every client weight 1.0: the unweighted mean of the client deltas.
     aggregator = tff.aggregators.MeanFactory().create(weights_type.trainable, tff.TensorType(np.float32))
-    opt = tff.learning.optimizers
-    server = (opt.build_adam(learning_rate=cfg.server_learning_rate, epsilon=1e-3) if cfg.server_optimizer == "adam"
-              else opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum))
-    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(server, weights_type)
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
     return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
                                                            finalizer)

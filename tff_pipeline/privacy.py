@@ -266,22 +266,9 @@ def calibrate_noise_multiplier(
     if rounds < 1:
         raise PrivacyConfigError(f"--rounds={rounds} must be at least 1")
 
-    def cfg_for(z: float) -> PrivacyConfig:
-        return PrivacyConfig(population, clients_per_round, z, delta, sampling, clipped_count_stddev=math.inf)
-
-    base = cfg_for(1.0)  # validates everything but the adaptive-clipping bound
-    z = dp_accounting.calibrate_dp_mechanism(
-        lambda: _rdp_accountant(sampling),
-        lambda z: training_event(dataclasses.replace(base, noise_multiplier=z), rounds),
-        target_epsilon,
-        delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.01, 1.0),
-        tol=1e-4,
-    )
-    z = float(z)
-    # Brent's method stops within tol; step up until ε is within the target.
-    while epsilon(cfg_for(z), rounds)[0] > target_epsilon:
-        z *= 1.0001
+    # The DpEvent does not depend on σ_b: search without the adaptive-clipping bound, check the answer.
+    z = calibrate(lambda z: PrivacyConfig(population, clients_per_round, z, delta, sampling, math.inf),
+                  rounds, target_epsilon, delta)
     check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds)
     return z
 
