@@ -94,6 +94,10 @@ def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     s = load_json(out / "summary.json")
     assert set(s["eval"]) >= {"test_h1_mae", "test_h3_rmse", "a_h1_wape"}
+    rows = (out / "heldout_by_client.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["client", "h1_mae"] and [r.split(",")[0] for r in rows[1:]] == ["a", "b", "c"]
+    assert float(rows[1].split(",")[1]) == pytest.approx(s["eval"]["a_h1_mae"], rel=1e-5)
+    assert set(s["baselines"]["baselines_this_split"]) >= {"persistence_h1_mae", "pooled_ridge_h3_wape"}
     r = load_json(out / "privacy_report.json")
     assert r["sampling"]["population"] == 3 and r["small_population_warning"].startswith("Only 3 clients")
     hist = df["a"].to_numpy()[:24].astype(np.float32)
@@ -111,9 +115,39 @@ def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
     assert q.returncode == 0, q.stderr[-2000:]
     served = np.array(json.loads(q.stdout.strip().splitlines()[-1]))[0]
     cfg = load_json(out / "config.json")["config"]
-    model = traffic.forecaster(24, 3, cfg["model_dim"], cfg["heads"], cfg["layers"], cfg["ff_dim"])
+    model = traffic.forecaster(24, 3, cfg["model_dim"], cfg["heads"], cfg["layers"], cfg["ff_dim"], cfg["patch_len"])
     model.load_weights(os.path.join(out, "final_weights.h5"))
     idx = df.index[:27]
     x, _, mu, sd = traffic.make_windows(np.r_[hist, np.zeros(3)].astype(float), traffic.time_features(idx),
                                         np.array([0]), 24, 3)
     np.testing.assert_allclose(served, model(x).numpy()[0] * sd[0] + mu[0], rtol=1e-4, atol=1e-3)
+
+
+def test_untrained_forecaster_is_the_seasonal_naive_forecast():
+    """Round 0 forecasts "same step one season ago" (or the last value when
+    the history is shorter than a season), from the calendar alone."""
+    H, K = 16, 3
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, H, traffic.N_FEAT)).astype(np.float32)
+    seasonal = traffic.forecaster(H, K, 8, 2, 1, 16, patch_len=5, season=12)
+    np.testing.assert_allclose(seasonal(x).numpy(), x[:, [4, 5, 6], 0], atol=1e-6)
+    persistence = traffic.forecaster(H, K, 8, 2, 1, 16, patch_len=4, season=100)
+    np.testing.assert_allclose(persistence(x).numpy(), np.repeat(x[:, -1:, 0], K, 1), atol=1e-6)
+
+
+def test_pooled_ridge_baseline_learns_a_linear_series():
+    """The ridge baseline is a real fit: on a noiseless weekly pattern it
+    forecasts the test span almost exactly, unlike persistence."""
+    idx = pd.date_range("2024-01-01", periods=24 * 7 * 8, freq="h")
+    pattern = 100 + 50 * np.sin(2 * np.pi * idx.hour / 24) + 20 * (idx.dayofweek >= 5)
+    v = pattern.to_numpy(float)
+    tfeat = traffic.time_features(idx)
+    cut = int(0.8 * len(v))
+    tr = traffic.valid_starts(v, 168, 24, 0, cut)
+    te = traffic.valid_starts(v, 168, 24, cut, len(v))
+    predict = traffic.fit_ridge([v], tfeat, [tr], 168, 24)
+    pred = predict(v, te)
+    true = v[te[:, None] + 168 + np.arange(24)]
+    assert np.abs(pred[:, 0] - true[:, 0]).mean() < 0.5 and np.abs(pred[:, 23] - true[:, 23]).mean() < 0.5
+    assert np.isnan(pred[:, 5]).all()  # only h1 and hK are fitted
+    assert np.abs(v[te + 167] - true[:, 0]).mean() > 5  # persistence is far off

@@ -16,6 +16,7 @@ HELP = {
                     "(timestamp column + one column per sensor). Default: the embedded Auckland pedestrian counts.",
     "history": "Traffic task: history window length in time steps.",
     "horizon": "Traffic task: forecast horizon in time steps.",
+    "patch_len": "Traffic task: history steps per attention token (PatchTST-style patches).",
     "output_dir": "Run directory for config.json, metrics.csv, privacy_report.*, saved_model/.",
     "rounds": "Federated rounds to run (planned; the accountant counts rounds actually run).",
     "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",

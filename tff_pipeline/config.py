@@ -65,6 +65,7 @@ class TrainConfig:
     traffic_data: str = ""
     history: int = 168
     horizon: int = 24
+    patch_len: int = 8
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -106,7 +107,7 @@ class TrainConfig:
         need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
         need(self.canary_clients >= 1, f"--canary_clients={self.canary_clients} must be at least 1")
         need(self.canary_repeats >= 1, f"--canary_repeats={self.canary_repeats} must be at least 1")
-        for name in ("history", "horizon"):
+        for name in ("history", "horizon", "patch_len"):
             v = getattr(self, name)
             need(v >= 1, f"--{name}={v} must be at least 1")
         for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",

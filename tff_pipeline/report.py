@@ -136,16 +136,30 @@ def build(
         report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
                                 "(largest sampling rate q)")
     if not example and pcfg.population <= 50:
-        report["small_population_warning"] = (
-            f"Only {pcfg.population} clients: client-level DP protects a whole client (e.g. a hospital with all its "
-            f"records), and with so few clients a small ε needs noise that swamps the averaged update, while a "
-            f"large ε says little. For cross-silo data the unit that matters is usually the record "
-            f"(--privacy_unit=example).")
+        report["small_population_warning"] = small_population_warning(pcfg, unit)
     if not example:
         report["update_noise_multiplier"] = privacy.update_noise_multiplier(pcfg)
         report["clipped_count_stddev"] = pcfg.effective_clipped_count_stddev
     report["statement"] = statement(report)
     return report
+
+
+def small_population_warning(pcfg, unit: str) -> str:
+    """What a client-level ε means when there are only a few clients."""
+    n, q, z = pcfg.population, pcfg.sampling_probability, pcfg.noise_multiplier
+    text = (f"Only {n} clients: client-level DP protects a whole client ({unit}), i.e. an adversary who sees the "
+            f"model cannot tell whether that one client took part. ")
+    if q >= 1:
+        text += ("Every client is in every round (q = 1), so sampling amplifies nothing and ε grows with the square "
+                 "root of the rounds at a given noise; ")
+    if z:
+        text += (f"the noise added to the average update has a standard deviation of z/{pcfg.clients_per_round:g} = "
+                 f"{z / max(pcfg.clients_per_round, 1e-12):.3g} times the clip norm in every coordinate, while a "
+                 f"client's clipped update has at most the clip norm in total, so a small ε swamps the update "
+                 f"and a large ε says little. ")
+    text += ("For cross-silo data the unit that often matters is the record (--privacy_unit=example, where the "
+             "task supports it).")
+    return text
 
 
 def statement(r: dict[str, Any]) -> str:

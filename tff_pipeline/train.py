@@ -124,6 +124,31 @@ class MetricsCsv:
         os.replace(tmp, self.path)
 
 
+def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
+    """Split a task's evaluation into overall metrics and per-client ones
+    (keys ``<client name>_<metric>``)."""
+    names = sorted(client_names, key=len, reverse=True)
+    overall, by_client = {}, {}
+    for k, v in ev.items():
+        owner = next((n for n in names if k.startswith(n + "_")), None)
+        if owner is None:
+            overall[k] = v
+        else:
+            by_client.setdefault(owner, {})[k[len(owner) + 1:]] = v
+    return overall, by_client
+
+
+def write_by_client(path: str, by_client: dict) -> None:
+    fields = sorted({k for row in by_client.values() for k in row})
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["client"] + fields)
+        for name, row in by_client.items():
+            w.writerow([name] + [f"{row[k]:.6g}" if k in row else "" for k in fields])
+    os.replace(tmp, path)
+
+
 class Progress:
     """One line per round: round, time, ETA, loss, clip, ε so far, eval."""
 
@@ -384,7 +409,11 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     log("")
     log(rep["statement"])
     log("")
-    log(f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+    overall, by_client = split_eval(last_eval, task.client_names)
+    log(f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
+    if by_client:
+        write_by_client(os.path.join(out, "heldout_by_client.csv"), by_client)
+        log(f"held-out per client: {os.path.join(out, 'heldout_by_client.csv')}")
     if cfg.audit:
         a = rep["empirical_audit"]
         mi = a["membership_inference"]
