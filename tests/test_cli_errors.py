@@ -34,11 +34,21 @@ def test_invalid_flags(tmp_path, flags, expected):
 
 def test_existing_run_is_refused_and_left_intact(trained_run):
     d = trained_run["dir"]
-    before = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
-    p = run_script("train.py", f"--output_dir={d}", "--rounds=1", timeout=300)
+    before = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if f != ".lock"}
+    p = run_script("train.py", f"--output_dir={d}", "--rounds=1", *SMALL, timeout=300)
     line = _one_line_error(p)
-    assert "already holds files from an earlier run" in line and "--overwrite" in line
-    assert {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)} == before
+    assert line.startswith(f"error: --output_dir={d} already holds a completed run of 3 rounds; choose a new "
+                           f"--output_dir, pass --overwrite to replace it, or raise --rounds above 3")
+    assert {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if f != ".lock"} == before
+
+
+def test_foreign_files_in_the_output_dir_are_refused(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", timeout=300)
+    assert _one_line_error(p) == (f"error: --output_dir={tmp_path / 'o'} already holds files from an earlier run; "
+                                  f"choose a new --output_dir or pass --overwrite to replace it")
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
 
 def test_output_dir_that_is_a_file(tmp_path):

@@ -98,6 +98,11 @@ def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
     assert rows[0].split(",")[:2] == ["client", "h1_mae"] and [r.split(",")[0] for r in rows[1:]] == ["a", "b", "c"]
     assert float(rows[1].split(",")[1]) == pytest.approx(s["eval"]["a_h1_mae"], rel=1e-5)
     assert set(s["baselines"]["baselines_this_split"]) >= {"persistence_h1_mae", "pooled_ridge_h3_wape"}
+    header = rows[0].split(",")
+    assert {"baseline_persistence_h1_mae", "baseline_pooled_ridge_h3_mae"} <= set(header)
+    col = header.index("baseline_persistence_h1_mae")
+    assert float(rows[2].split(",")[col]) == pytest.approx(
+        s["baselines"]["baselines_by_client"]["b"]["persistence_h1_mae"], rel=1e-5)
     r = load_json(out / "privacy_report.json")
     assert r["sampling"]["population"] == 3 and r["small_population_warning"].startswith("Only 3 clients")
     hist = df["a"].to_numpy()[:24].astype(np.float32)

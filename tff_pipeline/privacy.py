@@ -205,8 +205,13 @@ class ClientSampler:
         self.cfg = cfg
         self.seed = seed
 
-    def sample(self, round_num: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, round_num, 0x5A3])
+    def sample(self, round_num: int, attempt: int = 0) -> np.ndarray:
+        """The cohort of ``round_num``. A round run again after a crash
+        (``attempt`` > 0) draws a fresh, independent cohort: the accountant
+        composes each attempt as its own subsampled mechanism, which needs
+        independent sampling."""
+        key = [self.seed, round_num, 0x5A3] + ([attempt] if attempt else [])
+        rng = np.random.default_rng(key)
         n = self.cfg.population
         if self.cfg.sampling == "poisson":
             return np.flatnonzero(rng.random(n) < self.cfg.sampling_probability)

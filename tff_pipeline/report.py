@@ -24,6 +24,7 @@ def atomic_write_text(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run outputs are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -92,13 +93,18 @@ def build(
     mechanism: Optional[str] = None,
     kind: str = "training run",
     per_client: Optional[dict] = None,
+    rounds_accounted: Optional[int] = None,
 ) -> dict[str, Any]:
     """The report of a run (or, with kind="plan", of a planned run).
 
     ``pcfg`` is a PrivacyConfig (client level, DP-FedAvg) or an
-    ExampleLevelConfig (example level, DP-SGD inside clients)."""
+    ExampleLevelConfig (example level, DP-SGD inside clients).
+    ``rounds_accounted``: round results composed by the accountant (the
+    privacy ledger's length: more than ``rounds_run`` when rounds were run
+    again after a crash); default ``rounds_run``."""
     example = isinstance(pcfg, privacy.ExampleLevelConfig)
-    eps, order = privacy.epsilon(pcfg, rounds_run)
+    n = rounds_run if rounds_accounted is None else rounds_accounted
+    eps, order = privacy.epsilon(pcfg, n)
     private = pcfg.is_private
     report: dict[str, Any] = {
         "kind": kind,
@@ -109,6 +115,7 @@ def build(
         "neighbouring_relation": pcfg.neighboring_relation,
         "sampling": _sampling(pcfg),
         "rounds_run": rounds_run,
+        "rounds_accounted": n,
         "rounds_planned": rounds_planned,
         "stop_reason": stop_reason,
         "noise_multiplier": pcfg.noise_multiplier,
@@ -117,17 +124,17 @@ def build(
         "epsilon": _finite(eps),
         "accountant": "dp_accounting RdpAccountant",
         "rdp_order": order,
-        "epsilon_pld": _finite(pld_epsilon(pcfg, rounds_run)) if private else None,
-        "zcdp_rho": privacy.zcdp_rho(pcfg, rounds_run),
+        "epsilon_pld": _finite(pld_epsilon(pcfg, n)) if private else None,
+        "zcdp_rho": privacy.zcdp_rho(pcfg, n),
         "zcdp_note": ("zCDP does not capture amplification by subsampling; the subsampled Gaussian is accounted "
                       "with RDP and PLD" if private and pcfg.sampling_probability < 1 else None),
         "epsilon_at_other_delta": (
-            {f"{d:g}": {"rdp": _finite(privacy.epsilon(dataclasses.replace(pcfg, delta=d), rounds_run)[0]),
-                        "pld": _finite(pld_epsilon(pcfg, rounds_run, d))}
+            {f"{d:g}": {"rdp": _finite(privacy.epsilon(dataclasses.replace(pcfg, delta=d), n)[0]),
+                        "pld": _finite(pld_epsilon(pcfg, n, d))}
              for d in OTHER_DELTAS}
             if private else {}
         ),
-        "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, rounds_run)),
+        "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, n)),
         "not_covered": list(not_covered),
         "model_initialisation": initialisation or "random (no pre-training)",
     }
@@ -210,6 +217,11 @@ def statement(r: dict[str, Any]) -> str:
         "and covers everything computed from the noisy aggregates, including the final model"
         + ("" if example else " and the clip norms") + "."
     )
+    extra = r.get("rounds_accounted", r["rounds_run"]) - r["rounds_run"]
+    if extra > 0:
+        text += (f" The run was resumed after a crash and {extra} round result(s) computed before it were lost and "
+                 f"run again; they had been recorded in the privacy ledger (and may have been shown), so ε counts "
+                 f"all {r['rounds_accounted']} round results, not only the {r['rounds_run']} in the model.")
     if r.get("model_initialisation", "").startswith("pre-trained"):
         text += (f" The starting model was {r['model_initialisation']}; that data is public, holds no client's "
                  f"data, and costs no privacy.")
@@ -243,6 +255,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         rows += [("Population (clients)", s["population"]), ("Clients per round", s["clients_per_round"])]
     rows += [
         ("Rounds run / planned", f"{r['rounds_run']} / {r['rounds_planned']}"),
+        ("Round results accounted (privacy ledger)", f"{r.get('rounds_accounted', r['rounds_run'])}"),
         ("Stop reason", r["stop_reason"]),
         ("Model initialisation", r.get("model_initialisation", "")),
         ("Noise multiplier (total)", f"{r['noise_multiplier']:.6g}"),

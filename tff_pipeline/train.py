@@ -31,6 +31,7 @@ NOT_COVERED = (
     "metrics on held-out data are computed without noise; they are for the operator of this simulation "
     "and must not be released as if protected.",
     "Choosing hyperparameters across several runs on the same clients spends privacy that this report does not count.",
+    "The counts of client updates (or examples) zeroed for NaN/Inf values are summed without noise, for the operator.",
 )
 
 
@@ -48,23 +49,86 @@ class RoundResult:
 Callback = Callable[[RoundResult], None]
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> None:
-    """Refuses to touch an earlier run unless asked; checks writability."""
+RUN_FILES = ("config.json", "metrics.csv", "privacy_report.json", "privacy_report.md", "privacy_report.png",
+             "summary.json", "audit.json", "final_weights.h5", "heldout_by_client.csv", "ledger.jsonl")
+RUN_DIRS = ("saved_model", "checkpoints")
+# Settings that may differ when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
+                     "output_dir", "audit")
+PRIVACY_FIELDS = ("noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "delta",
+                  "clipped_count_stddev", "privacy_unit", "l2_norm_clip", "local_steps", "batch_size",
+                  "max_client_examples", "seed", "task", "traffic_data", "medical_data")
+
+
+def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
+    """Opens the run directory: checks it is a writable directory, locks it
+    (one process per run), and decides between a new run and resuming.
+
+    Returns (lock, previous config.json or None). An earlier run is resumed
+    when it has a privacy ledger and --resume is on; with --overwrite its
+    files are removed first; foreign files are never touched."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--output_dir={path} is a file, not a directory; choose another --output_dir")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ConfigError(
-            f"--output_dir={path} already holds files from an earlier run; choose a new --output_dir "
-            f"or pass --overwrite to replace it"
-        )
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"--output_dir={path} is not writable ({e.strerror}); choose a writable --output_dir")
+    from tff_pipeline import checkpoint
+
+    lock = checkpoint.RunLock(path)
+    entries = [e for e in os.listdir(path) if e != ".lock"]
+    if not entries:
+        return lock, None
+    if overwrite:
+        for e in entries:
+            full = os.path.join(path, e)
+            if e in RUN_FILES or e.startswith(".tmp-"):
+                os.unlink(full)
+            elif e in RUN_DIRS or e.endswith(".tmp"):
+                shutil.rmtree(full, ignore_errors=True)
+        return lock, None
+    has_ledger = os.path.exists(os.path.join(path, "ledger.jsonl"))
+    if not has_ledger:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} already holds files from an earlier run; choose a new --output_dir "
+                          f"or pass --overwrite to replace it")
+    if not resume:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} holds an earlier run and --resume=false refuses to touch it; "
+                          f"choose a new --output_dir, or drop --resume=false to continue that run")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as e:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} holds a privacy ledger but no readable config.json ({e}); "
+                          f"it cannot be resumed safely: choose a new --output_dir")
+    return lock, previous
+
+
+def check_resume_compatible(cfg: TrainConfig, previous: dict, pcfg, path: str) -> None:
+    """Refuses to resume with settings that change the mechanism or the
+    model: the accountant must describe one mechanism for all rounds."""
+    old = previous.get("config", {})
+    for k, v in cfg.to_json().items():
+        if k in RESUMABLE_CHANGES or k not in old or old[k] == v:
+            continue
+        why = ("the privacy accounting must describe one mechanism for every round" if k in PRIVACY_FIELDS
+               else "the saved training state belongs to the original settings")
+        raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
+                          f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "
+                          f"another --output_dir")
+    prev_p = previous.get("privacy", {})
+    now = dataclasses.asdict(pcfg)
+    for k in ("population", "noise_multiplier", "clients_per_round", "delta", "sampling"):
+        if k in prev_p and k in now and prev_p[k] != now[k]:
+            raise ConfigError(f"cannot resume {path}: the {k.replace('_', ' ')} is now {now[k]!r} but the run "
+                              f"being resumed used {prev_p[k]!r} (the data or a setting changed); the privacy "
+                              f"accounting must describe one mechanism. Start a new run in another --output_dir")
 
 
 def package_versions() -> dict[str, str]:
@@ -93,28 +157,20 @@ def resolve_privacy(cfg: TrainConfig, population: int) -> tuple[PrivacyConfig, O
 
 
 class MetricsCsv:
-    """Appends one row per round to metrics.csv (header fixed at first row)."""
+    """One row per round in metrics.csv, rewritten atomically each round
+    (columns grow as evaluation metrics appear)."""
 
     def __init__(self, path: str):
         self.path = path
-        self.fields: Optional[list[str]] = None
 
-    def __call__(self, r: RoundResult) -> None:
-        row = {"round": r.round_num, "cohort_size": r.cohort_size, "seconds": round(r.seconds, 4),
-               **{f"train_{k}": v for k, v in r.train.items()},
-               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()}}
-        if self.fields is None:
-            self.fields = list(row)
-            self._eval_fields = []
-        new_eval = [k for k in row if k not in self.fields and k not in self._eval_fields]
-        if new_eval:
-            self._eval_fields += new_eval
-        fields = self.fields + self._eval_fields
-        rows = []
-        if os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        rows.append({k: row.get(k, "") for k in fields})
+    def _read(self) -> tuple[list[dict], list[str]]:
+        if not os.path.exists(self.path):
+            return [], []
+        with open(self.path, newline="") as f:
+            r = csv.DictReader(f)
+            return list(r), list(r.fieldnames or [])
+
+    def _write(self, rows: list[dict], fields: list[str]) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -122,6 +178,20 @@ class MetricsCsv:
             for x in rows:
                 w.writerow({k: x.get(k, "") for k in fields})
         os.replace(tmp, self.path)
+
+    def truncate(self, last_round: int) -> None:
+        """Drops rows after ``last_round`` (rounds lost in a crash, re-run on resume)."""
+        rows, fields = self._read()
+        if rows:
+            self._write([x for x in rows if int(x["round"]) <= last_round], fields)
+
+    def __call__(self, r: RoundResult) -> None:
+        row = {"round": r.round_num, "cohort_size": r.cohort_size, "seconds": round(r.seconds, 4),
+               **{f"train_{k}": v for k, v in r.train.items()},
+               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()}}
+        rows, fields = self._read()
+        fields += [k for k in row if k not in fields]
+        self._write(rows + [row], fields)
 
 
 def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
@@ -139,7 +209,8 @@ def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
 
 
 def write_by_client(path: str, by_client: dict) -> None:
-    fields = sorted({k for row in by_client.values() for k in row})
+    keys = {k for row in by_client.values() for k in row}
+    fields = sorted(k for k in keys if not k.startswith("baseline_")) + sorted(k for k in keys if k.startswith("baseline_"))
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -271,13 +342,30 @@ def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[st
 def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ...] = (),
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Trains cfg.task with DP-FedAvg and writes config.json, metrics.csv,
-    privacy_report.{json,md} and saved_model/ to cfg.output_dir."""
+    privacy_report.{json,md} and saved_model/ to cfg.output_dir.
+
+    An existing run in cfg.output_dir (one with a privacy ledger) is resumed
+    from its last checkpoint, with every round it ever released counted."""
     t_start = time.monotonic()
     import tasks
 
-    tasks.check_name(cfg.task)
-    prepare_output_dir(cfg.output_dir, overwrite)
+    from tff_pipeline import checkpoint
 
+    tasks.check_name(cfg.task)
+    out = cfg.output_dir
+    lock, previous = prepare_output_dir(out, overwrite, cfg.resume)
+    try:
+        return _run(cfg, callbacks, log, t_start, previous)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[dict]) -> dict[str, Any]:
+    import tasks
+
+    from tff_pipeline import checkpoint
+
+    out = cfg.output_dir
     task = tasks.build(cfg)
     unit = task.default_privacy_unit if cfg.privacy_unit == "auto" else cfg.privacy_unit
     if unit == "example":
@@ -285,17 +373,32 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     else:
         pcfg, calib = resolve_privacy(cfg, task.population)
         per_client = None
-    out = cfg.output_dir
+    ledger = checkpoint.Ledger(out)
+    ckpt = checkpoint.latest(out) if previous else None
+    if previous is not None:
+        done = ckpt[0] if ckpt else 0
+        if done >= cfg.rounds:
+            raise ConfigError(f"--output_dir={out} already holds a completed run of {done} rounds; choose a new "
+                              f"--output_dir, pass --overwrite to replace it, or raise --rounds above {done} to "
+                              f"train on from it")
+        check_resume_compatible(cfg, previous, pcfg, out)
+        log(f"resuming {out}: " + (f"from the checkpoint of round {done}" if ckpt else "no checkpoint, from round 1")
+            + f"; the privacy ledger holds {len(ledger)} round results, all counted")
     log(f"task {task.name}: {task.population} training clients; "
         + (f"noise multiplier {pcfg.noise_multiplier:.4f}" + (" (calibrated)" if calib else "")
            if pcfg.is_private else "noise multiplier 0: NO differential privacy"))
-    report.atomic_write_text(os.path.join(out, "config.json"), json.dumps({
-        "config": cfg.to_json(), "privacy_unit": unit, "privacy": dataclasses.asdict(pcfg), "noise_calibration": calib,
-        "data": task.summary, "versions": package_versions(), "command": sys.argv,
-    }, indent=2, default=str) + "\n")
-    for stale in ("metrics.csv",):
-        if os.path.exists(os.path.join(out, stale)):
-            os.unlink(os.path.join(out, stale))
+    info = {"config": cfg.to_json(), "privacy_unit": unit, "privacy": dataclasses.asdict(pcfg),
+            "noise_calibration": calib, "data": task.summary, "versions": package_versions(), "command": sys.argv}
+    if previous is not None:
+        info = {**previous, "config": cfg.to_json(),
+                "resumes": previous.get("resumes", []) + [{"command": sys.argv, "from_round": ckpt[0] if ckpt else 0,
+                                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]}
+    report.atomic_write_text(os.path.join(out, "config.json"), json.dumps(info, indent=2, default=str) + "\n")
+    metrics_csv = MetricsCsv(os.path.join(out, "metrics.csv"))
+    if ckpt:
+        metrics_csv.truncate(ckpt[0])
+    elif os.path.exists(metrics_csv.path):
+        os.unlink(metrics_csv.path)
 
     from tff_pipeline import dp_fedavg, runtime
 
@@ -309,15 +412,17 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
         process = dp_fedavg.build_process(task, cfg, pcfg)
     state = process.initialize()
     keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
-    pretrain = None
-    if cfg.public_pretrain_epochs:
+    pretrain, first_round, last_eval, stop_reason = None, 1, {}, "completed all planned rounds"
+    if ckpt:
+        state, meta = checkpoint.load(ckpt[1], state)
+        first_round, pretrain, last_eval = ckpt[0] + 1, meta.get("pretrain"), meta.get("last_eval") or {}
+    elif cfg.public_pretrain_epochs:
         pretrain = pretrain_on_public_data(task, cfg, keras_model, log)
         import tensorflow_federated as tff
 
         state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
     sampler = pcfg.sampler(cfg.seed) if unit == "client" else _EveryClient(task.population)
-    hooks: list[Callback] = [MetricsCsv(os.path.join(out, "metrics.csv")),
-                             Progress(cfg.rounds, task.headline_metric), *callbacks]
+    hooks: list[Callback] = [metrics_csv, Progress(cfg.rounds, task.headline_metric), *callbacks]
     if unit == "client":
         log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
             f"{pcfg.clients_per_round} clients ({pcfg.sampling} sampling, q={pcfg.sampling_probability:.4g})")
@@ -325,44 +430,65 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
         log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of all {task.population} "
             f"clients, each with {cfg.local_steps} DP-SGD steps per round (expected batch {cfg.batch_size})")
 
-    if pretrain is not None:
+    if pretrain is not None and not ckpt:
         for h in hooks:
             h(RoundResult(0, 0, pretrain["seconds"], {"loss": pretrain["loss"]}, None,
                           0.0 if pcfg.is_private else None, pretrain["eval"]))
+
+    saved = [ckpt[0] if ckpt else 0]
+
+    def save_checkpoint(r: int) -> None:
+        saved[0] = r
+        checkpoint.save(out, r, state, {"ledger_entries": len(ledger), "pretrain": pretrain, "last_eval": last_eval,
+                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, cfg.keep_checkpoints)
+
     stop = _StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    rounds_run, stop_reason, last_eval = 0, "completed all planned rounds", {}
+    rounds_run = first_round - 1
     t_train = time.monotonic()
     try:
-        for r in range(1, cfg.rounds + 1):
-            eps = privacy.epsilon(pcfg, r)[0] if pcfg.is_private else None
-            if cfg.max_epsilon is not None and eps is not None and eps > cfg.max_epsilon:
-                spent = privacy.epsilon(pcfg, r - 1)[0] if r > 1 else 0.0
-                stop_reason = (f"privacy budget: round {r} would raise ε from {spent:.4g} to {eps:.4g}, above "
-                               f"--max_epsilon={cfg.max_epsilon:g}; stopped after round {r - 1}")
-                log(stop_reason)
+        for r in range(first_round, cfg.rounds + 1):
+            if stop.signal:
                 break
+            if cfg.max_epsilon is not None and pcfg.is_private:
+                spent = privacy.epsilon(pcfg, len(ledger))[0] if len(ledger) else 0.0
+                eps_next = privacy.epsilon(pcfg, len(ledger) + 1)[0]
+                if eps_next > cfg.max_epsilon:
+                    stop_reason = (f"privacy budget: round {r} would raise ε from {spent:.4g} to {eps_next:.4g}, "
+                                   f"above --max_epsilon={cfg.max_epsilon:g}; stopped after round {r - 1}")
+                    log(stop_reason)
+                    break
             t0 = time.monotonic()
-            ids = sampler.sample(r)
+            ids = sampler.sample(r, ledger.attempts(r)) if unit == "client" else sampler.sample(r)
             round_seed = cfg.seed * 1_000_003 + r
             data = [task.client_dataset(int(i), round_seed) for i in ids]
             result = process.next(state, data)
+            ledger.append(r, len(ids))  # before anything of this round is shown or saved
             state = result.state
             rounds_run = r
+            eps = privacy.epsilon(pcfg, len(ledger))[0] if pcfg.is_private else None
             m = _flatten(result.metrics)
             train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
             if "client_work/fraction_clipped" in m:
                 train["fraction_clipped"] = m["client_work/fraction_clipped"]
-            clip = m.get("aggregator/dp_query_metrics/clip") if unit == "client" else cfg.l2_norm_clip
+            for k, v in m.items():
+                if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed")):
+                    train[k.split("/")[-1]] = v
+            clip = next((v for k, v in m.items() if k.endswith("dp_query_metrics/clip")), None) \
+                if unit == "client" else cfg.l2_norm_clip
             rr = RoundResult(r, len(ids), time.monotonic() - t0, train, clip, eps)
             if r % cfg.eval_every == 0 or r == cfg.rounds or stop.signal:
                 process.get_model_weights(state).assign_weights_to(keras_model)
                 rr.eval = last_eval = task.evaluate(keras_model)
             for h in hooks:
                 h(rr)
+            if r % cfg.checkpoint_every == 0 or r == cfg.rounds or stop.signal:
+                save_checkpoint(r)
             if stop.signal:
                 stop_reason = f"interrupted by {signal.Signals(stop.signal).name} after round {r}"
                 break
+        if rounds_run > saved[0]:
+            save_checkpoint(rounds_run)  # a budget stop between checkpoints
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -372,20 +498,24 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     if not last_eval or rounds_run % cfg.eval_every:
         last_eval = task.evaluate(keras_model)
     export_dir = os.path.join(out, "saved_model")
-    tmp_dir = export_dir + ".tmp"
+    tmp_dir, old_dir = export_dir + ".tmp", export_dir + ".old.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     task.export(keras_model, tmp_dir)
     if os.path.exists(export_dir):
-        shutil.rmtree(export_dir)
+        os.replace(export_dir, old_dir)
     os.replace(tmp_dir, export_dir)
-    keras_model.save_weights(os.path.join(out, "final_weights.h5"))
+    shutil.rmtree(old_dir, ignore_errors=True)
+    weights_tmp = os.path.join(out, ".tmp-final_weights.h5")
+    keras_model.save_weights(weights_tmp)
+    os.replace(weights_tmp, os.path.join(out, "final_weights.h5"))
 
+    accounted = len(ledger)
     if per_client:
         for c in per_client.values():
             c_cfg = c.pop("config")
-            c["epsilon"] = privacy.epsilon(c_cfg, rounds_run)[0] if pcfg.is_private else None
+            c["epsilon"] = privacy.epsilon(c_cfg, accounted)[0] if pcfg.is_private else None
     rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
-                       per_client=per_client,
+                       per_client=per_client, rounds_accounted=accounted,
                        stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED,
                        initialisation=None if pretrain is None else
                        f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")
@@ -399,12 +529,20 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     report.write(out, rep)
     report.plot_run(out, task.headline_metric)
     summary = {
-        "rounds_run": rounds_run, "stop_reason": stop_reason, "epsilon": rep["epsilon"], "delta": pcfg.delta,
+        "rounds_run": rounds_run, "rounds_accounted": accounted, "stop_reason": stop_reason,
+        "epsilon": rep["epsilon"], "delta": pcfg.delta,
         "eval": last_eval, "baselines": {k: v for k, v in task.summary.items() if k.startswith("baselines")},
         "public_pretraining": pretrain,
         "seconds_total": time.monotonic() - t_start, "seconds_training": train_seconds,
-        "seconds_per_round": train_seconds / max(rounds_run, 1),
+        "seconds_per_round": train_seconds / max(rounds_run - first_round + 1, 1),
     }
+    if cfg.audit:
+        mi = rep["empirical_audit"]["membership_inference"]
+        summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
+                            "epsilon_lower_bound": mi["epsilon_lower_bound"],
+                            "canary_exposure_mean": rep["empirical_audit"].get("canary_exposure_mean")}
+    if stop.signal:
+        summary["interrupted"] = True
     report.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     log("")
     log(rep["statement"])
@@ -412,6 +550,9 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     overall, by_client = split_eval(last_eval, task.client_names)
     log(f"held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
     if by_client:
+        for name, base in task.summary.get("baselines_by_client", {}).items():
+            if name in by_client:
+                by_client[name].update({f"baseline_{k}": v for k, v in base.items()})
         write_by_client(os.path.join(out, "heldout_by_client.csv"), by_client)
         log(f"held-out per client: {os.path.join(out, 'heldout_by_client.csv')}")
     if cfg.audit:
@@ -421,14 +562,8 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
         log(f"audit: membership inference AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
             f"{mi['epsilon_lower_bound']:.4f} (accountant ε {acc_eps})"
             + (f"; canary exposure {a['canary_exposure_mean']:.2f} bits" if a.get("canaries") else ""))
-        summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
-                            "epsilon_lower_bound": mi["epsilon_lower_bound"],
-                            "canary_exposure_mean": a.get("canary_exposure_mean")}
-        report.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
     log(f"SavedModel:     {export_dir}")
     log(f"metrics:        {os.path.join(out, 'metrics.csv')}")
     log(f"wall time {summary['seconds_total']:.1f} s, {summary['seconds_per_round']:.2f} s/round")
-    if stop.signal:
-        summary["interrupted"] = True
     return summary
