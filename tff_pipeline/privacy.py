@@ -197,8 +197,10 @@ def update_noise_multiplier(cfg: PrivacyConfig) -> float:
 class ClientSampler:
     """Draws each round's cohort exactly as the accountant assumes.
 
-    The draw for round r depends only on (seed, r), so a resumed run draws
-    the same cohorts.
+    The draw for round r depends only on (seed, r) and, for a round run
+    again after a crash, on the attempt number: a resumed run draws the same
+    cohorts for rounds it has not run before, and a fresh independent cohort
+    for a round whose earlier result was released.
     """
 
     def __init__(self, cfg: PrivacyConfig, seed: int):

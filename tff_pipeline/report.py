@@ -153,14 +153,16 @@ def build(
 
 def small_population_warning(pcfg, unit: str) -> str:
     """What a client-level ε means when there are only a few clients."""
-    n, q, z = pcfg.population, pcfg.sampling_probability, pcfg.noise_multiplier
+    n, q = pcfg.population, pcfg.sampling_probability
+    z = privacy.update_noise_multiplier(pcfg)  # the share of the noise that lands on the updates
     text = (f"Only {n} clients: client-level DP protects a whole client ({unit}), i.e. an adversary who sees the "
             f"model cannot tell whether that one client took part. ")
     if q >= 1:
-        text += ("Every client is in every round (q = 1), so sampling amplifies nothing and ε grows with the square "
-                 "root of the rounds at a given noise; ")
+        text += ("Every client is in every round (q = 1), so sampling amplifies nothing and ε grows roughly with "
+                 "the square root of the rounds at a given noise; ")
     if z:
-        text += (f"the noise added to the average update has a standard deviation of z/{pcfg.clients_per_round:g} = "
+        text += (f"the noise added to the average update has a standard deviation of "
+                 f"{z:.3g}/{pcfg.clients_per_round:g} = "
                  f"{z / max(pcfg.clients_per_round, 1e-12):.3g} times the clip norm in every coordinate, while a "
                  f"client's clipped update has at most the clip norm in total, so a small ε swamps the update "
                  f"and a large ε says little. ")
