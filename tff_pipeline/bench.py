@@ -1,0 +1,239 @@
+"""Seconds per round, side by side on the same data and model:
+
+* ``pipeline``: our DP-FedAvg process (``tff_pipeline.dp_fedavg.build_process``);
+* ``tff_stock``: TFF's ``build_unweighted_fed_avg`` with the same
+  ``gaussian_adaptive`` DP aggregator and optimizers;
+* ``central``: the same round's examples trained in one Keras ``tf.function``
+  loop (one pass, same batch size and client learning rate): the limit.
+
+Workloads: W1 (keyboard-like causal Transformer, synthetic tokens), W2
+(tabular attention, synthetic rows), and each real task's default config.
+Synthetic client data is built per round from the sampled ids, never held
+for the whole population. Used by ``scripts/bench.py``; not part of the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from tff_pipeline.config import TrainConfig
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    task: Any  # tff_pipeline.task.Task
+    cfg: TrainConfig
+    clients_per_round: int
+    description: str
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a process, in MB; 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _synthetic_task(name: str, build_model, loss, make_client, population: int, batch_size: int):
+    import tensorflow as tf
+
+    from tff_pipeline.task import Task
+
+    def client_dataset(i: int, round_seed: int):
+        x, y = make_client(i, round_seed)
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+    def no_eval(model):
+        return {}
+
+    def export(model, path):
+        tf.saved_model.save(model, path)
+
+    return Task(name=name, population=population, client_dataset=client_dataset, build_model=build_model,
+                loss=loss, metrics=lambda: [], evaluate=no_eval, export=export, summary={},
+                privacy_unit="one synthetic client", headline_metric="")
+
+
+def w1(population: int = 1000, clients_per_round: int = 50) -> Workload:
+    """Keyboard-like: vocab 10k, length 20, d 96, 4 heads, 64 sequences per
+    client, batch 16."""
+    import tensorflow as tf
+
+    from tff_pipeline import models
+
+    vocab, length, n = 10_000, 20, 64
+
+    def make_client(i, round_seed):
+        rng = np.random.default_rng([i, 0xB1])  # a client's data depends on its id only
+        tokens = rng.zipf(1.3, size=(n, length + 1)).clip(1, vocab - 1).astype(np.int32)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    task = _synthetic_task(
+        "w1", lambda: models.causal_transformer_lm(vocab, length, 96, 4, 1, 192),
+        lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), make_client, population, 16)
+    cfg = TrainConfig(task="w1", clients_per_round=clients_per_round, noise_multiplier=1.0, batch_size=16,
+                      client_learning_rate=0.5, server_optimizer="adam", server_learning_rate=0.003)
+    return Workload("w1", task, cfg, clients_per_round,
+                    f"causal Transformer, vocab 10k, len 20, d 96, {clients_per_round} clients x 64 seq, batch 16")
+
+
+def w2(population: int = 1000, clients_per_round: int = 10) -> Workload:
+    """Tabular attention: 30 feature tokens, about 115 rows per client."""
+    import tensorflow as tf
+
+    from tff_pipeline import models
+
+    features, rows = 30, 115
+
+    def build():
+        inp = tf.keras.Input(shape=(features,), dtype=tf.float32, name="features")
+        x = tf.keras.layers.Reshape((features, 1))(inp)
+        x = tf.keras.layers.Dense(32, name="feature_embedding")(x)
+        x = models.PositionEmbedding(features, 32, name="feature_id")(x)
+        x = models.transformer_block(x, 32, 4, 64, 0.0, causal=False, name="block0")
+        x = tf.keras.layers.GlobalAveragePooling1D()(x)
+        return tf.keras.Model(inp, tf.keras.layers.Dense(1)(x))
+
+    def make_client(i, round_seed):
+        rng = np.random.default_rng([i, 0xB2])
+        x = rng.normal(size=(rows, features)).astype(np.float32)
+        y = (x[:, :3].sum(1) + rng.normal(size=rows) > 0).astype(np.float32)[:, None]
+        return x, y
+
+    task = _synthetic_task("w2", build, lambda: tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                           make_client, population, 16)
+    cfg = TrainConfig(task="w2", clients_per_round=clients_per_round, noise_multiplier=0.5, batch_size=16,
+                      client_learning_rate=0.1, server_optimizer="adam", server_learning_rate=0.003,
+                      clipped_count_stddev=0.5)
+    return Workload("w2", task, cfg, clients_per_round,
+                    f"tabular attention, 30 feature tokens, {clients_per_round} clients x {rows} rows, batch 16")
+
+
+def real_task(name: str, config_file: str) -> Workload:
+    """A real task at its default config (client level: DP-FedAvg)."""
+    import tasks
+
+    cfg = TrainConfig(**read_flagfile(config_file))
+    if cfg.target_epsilon is not None:
+        cfg = dataclasses.replace(cfg, target_epsilon=None, noise_multiplier=1.0)
+    task = tasks.build(cfg)
+    cpr = min(cfg.clients_per_round, task.population)
+    z = cfg.noise_multiplier or 0.0
+    if cfg.clipped_count_stddev is None and z >= 0.1 * cpr:  # small cohorts (medical): let adaptive clipping run
+        cfg = dataclasses.replace(cfg, clipped_count_stddev=z)
+    return Workload(name, task, dataclasses.replace(cfg, clients_per_round=cpr), cpr,
+                    f"{name} task, {config_file}, {cpr} clients per round")
+
+
+def read_flagfile(path: str) -> dict[str, Any]:
+    """The TrainConfig settings of an absl flagfile (``--name=value`` lines)."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("--") or "=" not in line:
+                continue
+            k, v = line[2:].split("=", 1)
+            if k not in hints:
+                continue
+            t = hints[k]
+            base = [a for a in typing.get_args(t) if a is not type(None)][0] if typing.get_args(t) else t
+            out[k] = (v.lower() in ("1", "true")) if base is bool else base(v)
+    return out
+
+
+def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
+    """One pass of plain Keras SGD over the round's examples: the limit."""
+    import tensorflow as tf
+
+    model = task.build_model()
+    loss_fn = task.loss()
+    opt = tf.keras.optimizers.SGD(cfg.client_learning_rate)
+
+    @tf.function(reduce_retracing=True)
+    def epoch(ds):  # the whole pass in one traced loop, as TFF's client work runs it
+        for x, y in ds:
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+    def run(datasets):
+        ds = datasets[0]
+        for d in datasets[1:]:
+            ds = ds.concatenate(d)
+        epoch(ds)
+
+    return run
+
+
+def _count_examples(datasets) -> int:
+    return int(sum(int(np.shape(x)[0]) for ds in datasets for x, _ in ds))
+
+
+def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print) -> dict:
+    """Median seconds per round (after one warm-up round) of each variant."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg, privacy, runtime, train
+
+    runtime.install_context()
+    pcfg, _ = train.resolve_privacy(w.cfg, w.task.population)
+    sampler = pcfg.sampler(w.cfg.seed)
+    cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
+    out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
+           "rounds_measured": rounds, "variants": {}}
+    for variant in variants:
+        t0 = time.monotonic()
+        if variant == "central":
+            step = _central_round(w.task, w.cfg)
+        else:
+            if variant == "pipeline":
+                process = dp_fedavg.build_process(w.task, w.cfg, pcfg)
+            else:
+                process = tff.learning.algorithms.build_unweighted_fed_avg(
+                    dp_fedavg.model_fn_for(w.task),
+                    client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=w.cfg.client_learning_rate),
+                    server_optimizer_fn=dp_fedavg.server_optimizer(w.cfg),
+                    model_aggregator=dp_fedavg.build_aggregator(w.cfg, pcfg))
+            state = process.initialize()
+        build_s = time.monotonic() - t0
+        times, examples = [], []
+        for r, ids in enumerate(cohorts):
+            t = time.monotonic()
+            data = [w.task.client_dataset(int(i), r) for i in ids]
+            if variant == "central":
+                step(data)
+            else:
+                state = process.next(state, data).state
+            dt = time.monotonic() - t
+            if r:  # round 0 is the warm-up (tracing)
+                times.append(dt)
+                examples.append(_count_examples(data))
+            else:
+                first = dt
+        med = statistics.median(times)
+        rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
+        out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": statistics.median(examples) / med,
+                                    "build_s": build_s, "first_round_s": first, "peak_rss_mb_so_far": rss}
+        log(f"{w.name:9s} {variant:10s} {med:7.3f} s/round  {statistics.median(examples) / med:9.0f} ex/s  "
+            f"build {build_s:5.1f} s  first round {first:6.2f} s  peak RSS so far {rss:7.0f} MB")
+    c = out["variants"].get("central", {}).get("median_s_per_round")
+    if c:
+        for v in out["variants"].values():
+            v["ratio_to_central"] = v["median_s_per_round"] / c
+    return out
