@@ -19,6 +19,8 @@ WORKLOADS = ("w1", "w2", "keyboard", "medical", "traffic")
 flags.DEFINE_enum("workload", "w1", WORKLOADS + ("all",), "Workload to measure (all = every one).")
 flags.DEFINE_integer("rounds", 10, "Rounds measured per variant (after one warm-up round); the median is reported.")
 flags.DEFINE_integer("clients_per_round", 0, "Override the workload's clients per round (0 = its default).")
+flags.DEFINE_integer("population", 1000, "Synthetic workloads (w1, w2): clients to sample from; their data is "
+                     "built per round from the sampled ids, so memory should not grow with this.")
 flags.DEFINE_string("variants", "pipeline,tff_stock,central", "Comma-separated: pipeline, tff_stock, central.")
 flags.DEFINE_string("output", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
@@ -38,12 +40,16 @@ def main(argv):
 
     results = []
     for name in WORKLOADS if FLAGS.workload == "all" else (FLAGS.workload,):
+        if FLAGS.population < 1:
+            raise cli.UserError(f"--population={FLAGS.population} must be at least 1")
         kw = {"clients_per_round": FLAGS.clients_per_round} if FLAGS.clients_per_round else {}
+        kw["population"] = FLAGS.population
         if name == "w1":
             w = bench.w1(**kw)
         elif name == "w2":
             w = bench.w2(**kw)
         else:
+            kw.pop("population")
             w = bench.real_task(name, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                    CONFIGS[name]))
         results.append(bench.measure(w, variants, FLAGS.rounds))

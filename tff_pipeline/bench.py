@@ -196,6 +196,7 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
     sampler = pcfg.sampler(w.cfg.seed)
     cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
+           "population": w.task.population,
            "rounds_measured": rounds, "variants": {}}
     for variant in variants:
         t0 = time.monotonic()
