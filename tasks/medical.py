@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Task, TaskError
+from tff_pipeline.task import Task, TaskError, numeric_column
 
 # name: (centre, scale) from clinical reference values, not from the data.
 NUMERIC = {
@@ -98,10 +98,9 @@ def read_table(path: str, user_file: bool):
     if missing:
         raise TaskError(f"{flag} lacks the column(s) {', '.join(missing)}; {fix}")
     for c in ["num", *NUMERIC]:
-        v = pd.to_numeric(df[c], errors="coerce")
-        bad = df[c][v.isna() & df[c].notna()]
-        if len(bad):
-            raise TaskError(f"{flag}: column {c!r} has a non-numeric value {bad.iloc[0]!r} (row {bad.index[0] + 2}); "
+        v, bad = numeric_column(df[c])
+        if bad:
+            raise TaskError(f"{flag}: column {c!r} has a non-numeric value {bad[1]!r} (row {bad[0] + 2}); "
                             f"use numbers, empty for missing")
         df[c] = v
     if df["num"].isna().any():

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Task, TaskError
+from tff_pipeline.task import Task, TaskError, numeric_column
 
 TEST_FRACTION = 0.2
 N_FEAT = 6  # value, missing flag, sin/cos hour of day, sin/cos day of week
@@ -82,10 +82,9 @@ def load_file(path: str):
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise TaskError(f"--traffic_data={path}: the index must be timestamps (DCRNN layout: timestamps x sensors)")
     for c in frame.columns:
-        col = pd.to_numeric(frame[c], errors="coerce")
-        bad = frame[c][col.isna() & frame[c].notna()]
-        if len(bad):
-            raise TaskError(f"--traffic_data={path}: sensor {c!r} has a non-numeric value {bad.iloc[0]!r}")
+        col, bad = numeric_column(frame[c])
+        if bad:
+            raise TaskError(f"--traffic_data={path}: sensor {c!r} has a non-numeric value {bad[1]!r}")
         frame[c] = col
     frame = frame.astype(float)
     if zero_missing:
@@ -216,12 +215,13 @@ def forecaster(history: int, horizon: int, dim: int, heads: int, layers: int, ff
     return tf.keras.Model(inp, out, name="temporal_attention_forecaster")
 
 
-def _horizon_errors(name: str, pred: np.ndarray, true: np.ndarray, K: int) -> dict[str, float]:
-    """``{name}_h1_mae`` ... ``{name}_h{K}_wape`` over the windows where the
-    forecast exists."""
+def _horizon_errors(name: str, pred: np.ndarray, true: np.ndarray, K: int, drop_missing: bool = True) -> dict[str, float]:
+    """``{name}_h1_mae`` ... ``{name}_h{K}_wape``; with ``drop_missing`` over
+    the windows where the forecast exists (a baseline's copy source may be a
+    gap), else over all (a model's NaN stays visible)."""
     out = {}
     for h in sorted({0, K - 1}):
-        ok = ~np.isnan(pred[:, h]) if len(pred) else np.zeros(0, bool)
+        ok = ~np.isnan(pred[:, h]) if drop_missing else np.ones(len(pred), bool)
         if ok.any():
             out.update({f"{name}_h{h + 1}_{k}": v for k, v in _errors(pred[ok, h], true[ok, h]).items()})
     return out
@@ -267,47 +267,49 @@ def build(cfg) -> Task:
     def build_model():
         return forecaster(H, K, cfg.model_dim, cfg.heads, cfg.layers, cfg.ff_dim, cfg.patch_len, season)
 
+    def targets(i: int, starts: np.ndarray) -> np.ndarray:
+        return series[i][starts[:, None] + H + np.arange(K)[None]]
+
     def predictions(model, i):
-        preds, trues, pers, week = [], [], [], []
+        """The model's forecasts of sensor i's test windows, in original units."""
         st = test_starts[i]
-        infer = model if isinstance(model, _Zero) else models.inference_fn(model)
+        infer = models.inference_fn(model)
+        preds = []
         for s in range(0, len(st), EVAL_BATCH):
-            b = st[s : s + EVAL_BATCH]
-            x, y, mu, sd = make_windows(series[i], tfeat, b, H, K)
+            x, _, mu, sd = make_windows(series[i], tfeat, st[s : s + EVAL_BATCH], H, K)
             preds.append(infer(x).numpy() * sd[:, None] + mu[:, None])
-            trues.append(y * sd[:, None] + mu[:, None])
-            tidx = b[:, None] + H + np.arange(K)[None]
-            last = series[i][b + H - 1]
-            pers.append(np.repeat(last[:, None], K, 1))
-            week.append(series[i][tidx - 168] if H >= 168 else np.full((len(b), K), np.nan))
-        cat = lambda a: np.concatenate(a) if a else np.zeros((0, K))
-        return cat(preds), cat(trues), cat(pers), cat(week)
+        return np.concatenate(preds) if preds else np.zeros((0, K))
+
+    def naive_forecasts(i):
+        """Persistence and same-step-last-week forecasts of sensor i's test
+        windows (NaN where the value they copy is missing or out of reach)."""
+        st = test_starts[i]
+        persistence = np.repeat(series[i][st + H - 1][:, None], K, 1)
+        tidx = st[:, None] + H + np.arange(K)[None]
+        week = series[i][tidx - season] if H >= season else np.full((len(st), K), np.nan)
+        return persistence, week
 
     def evaluate(model) -> dict[str, float]:
         out, allp, allt = {}, [], []
         for i, name in enumerate(sensors):
-            p, t, _, _ = predictions(model, i)
+            p, t = predictions(model, i), targets(i, test_starts[i])
             if not len(t):
                 continue
             allp.append(p), allt.append(t)
-            for h in sorted({0, K - 1}):
-                for k, v in _errors(p[:, h], t[:, h]).items():
-                    out[f"{name}_h{h + 1}_{k}"] = v
-        p, t = np.concatenate(allp), np.concatenate(allt)
-        for h in sorted({0, K - 1}):
-            for k, v in _errors(p[:, h], t[:, h]).items():
-                out[f"test_h{h + 1}_{k}"] = v
+            out.update(_horizon_errors(name, p, t, K, drop_missing=False))
+        out.update(_horizon_errors("test", np.concatenate(allp), np.concatenate(allt), K, drop_missing=False))
         return out
 
     def baselines() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Persistence, same hour last week and pooled ridge regression on
         exactly the test windows the model is scored on, at h1 and hK:
         overall and per sensor."""
-        ridge = fit_ridge(series, tfeat, train_starts, H, K)
+        ridge = fit_ridge(series, tfeat, train_starts, H, K, season=season)
         names = ("persistence", "same_hour_last_week", "pooled_ridge")
         overall, by_sensor, preds, tt = {}, {}, {n: [] for n in names}, []
         for i, sensor in enumerate(sensors):
-            _, t, per, wk = predictions(_Zero(K), i)
+            t = targets(i, test_starts[i])
+            per, wk = naive_forecasts(i)
             rid = ridge(series[i], test_starts[i]) if ridge else np.full_like(t, np.nan)
             tt.append(t)
             for name, pred in zip(names, (per, wk, rid)):
@@ -340,16 +342,17 @@ def build(cfg) -> Task:
     )
 
 
-def ridge_features(values: np.ndarray, tfeat: np.ndarray, starts: np.ndarray, history: int, h: int) -> np.ndarray:
+def ridge_features(values: np.ndarray, tfeat: np.ndarray, starts: np.ndarray, history: int, h: int,
+                   season: int = 168) -> np.ndarray:
     """Pooled-ridge features for forecasting step ``h`` (0-based) after the
-    window starting at ``starts``: the last 24 values, the value a week before
-    the target (if the history reaches it), one-hot hour of day and day of
+    window starting at ``starts``: the last 24 values, the value one season
+    (``season`` steps, a week) before the target (if the history reaches it), one-hot hour of day and day of
     week of the target, and 1. Missing values are filled with the window's
     history mean."""
     origin = starts + history
     lags = [origin - 1 - j for j in range(min(24, history))]
-    if history >= 168 - h:
-        lags.append(origin + h - 168)
+    if history >= season - h:
+        lags.append(origin + h - season)
     v = values[np.stack(lags, 1)]
     hist = values[starts[:, None] + np.arange(history)[None]]
     mu = np.nan_to_num(np.nanmean(hist, axis=1))
@@ -360,7 +363,8 @@ def ridge_features(values: np.ndarray, tfeat: np.ndarray, starts: np.ndarray, hi
     return np.concatenate([v, np.eye(24)[hour], np.eye(7)[dow], np.ones((len(starts), 1))], axis=1)
 
 
-def fit_ridge(series, tfeat, train_starts, history: int, horizon: int, alpha: float = 1.0, max_rows: int = 400_000):
+def fit_ridge(series, tfeat, train_starts, history: int, horizon: int, alpha: float = 1.0, max_rows: int = 400_000,
+              season: int = 168):
     """Pooled ridge regression (all sensors' training windows, original
     units), one direct model per reported horizon. A centralised,
     non-private baseline. Returns predict(values, starts) -> [n, horizon]
@@ -371,7 +375,7 @@ def fit_ridge(series, tfeat, train_starts, history: int, horizon: int, alpha: fl
     for h in hs:
         xs, ys = [], []
         for v, st in zip(series, train_starts):
-            xs.append(ridge_features(v, tfeat, st, history, h))
+            xs.append(ridge_features(v, tfeat, st, history, h, season))
             ys.append(v[st + history + h])
         X, y = np.concatenate(xs), np.concatenate(ys)
         if not len(X):
@@ -385,20 +389,10 @@ def fit_ridge(series, tfeat, train_starts, history: int, horizon: int, alpha: fl
     def predict(values, starts):
         out = np.full((len(starts), horizon), np.nan)
         for h, w in coefs.items():
-            out[:, h] = ridge_features(values, tfeat, starts, history, h) @ w
+            out[:, h] = ridge_features(values, tfeat, starts, history, h, season) @ w
         return out
 
     return predict
-
-
-class _Zero:
-    """A stand-in model for the baselines: its forecasts are not used."""
-
-    def __init__(self, k):
-        self.k = k
-
-    def __call__(self, x, training=False):
-        return tf.zeros((len(x), self.k))
 
 
 def export_forecaster(model: tf.keras.Model, history: int, horizon: int, path: str) -> None:

@@ -139,9 +139,9 @@ def real_task(name: str, config_file: str) -> Workload:
 
 def read_flagfile(path: str) -> dict[str, Any]:
     """The TrainConfig settings of an absl flagfile (``--name=value`` lines)."""
-    import typing
+    from tff_pipeline import cli
 
-    hints = typing.get_type_hints(TrainConfig)
+    types = cli.field_types(TrainConfig)
     out = {}
     with open(path) as f:
         for line in f:
@@ -149,11 +149,8 @@ def read_flagfile(path: str) -> dict[str, Any]:
             if not line.startswith("--") or "=" not in line:
                 continue
             k, v = line[2:].split("=", 1)
-            if k not in hints:
-                continue
-            t = hints[k]
-            base = [a for a in typing.get_args(t) if a is not type(None)][0] if typing.get_args(t) else t
-            out[k] = (v.lower() in ("1", "true")) if base is bool else base(v)
+            if k in types:
+                out[k] = (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)
     return out
 
 

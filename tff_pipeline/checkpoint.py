@@ -18,6 +18,7 @@ atomic checkpoints of the full training state.
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -90,13 +91,14 @@ class Ledger:
                         # A torn last line (crash mid-append) is still a round
                         # that may have been released: count it.
                         self.entries.append({"round": None, "torn": True})
+        self._per_round = collections.Counter(e.get("round") for e in self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def attempts(self, round_num: int) -> int:
         """How many results of this round were recorded before."""
-        return sum(1 for e in self.entries if e.get("round") == round_num)
+        return self._per_round[round_num]
 
     def append(self, round_num: int, cohort: int) -> None:
         entry = {"round": round_num, "attempt": self.attempts(round_num), "cohort": cohort}
@@ -113,11 +115,7 @@ class Ledger:
                                   f"({e.strerror}); its result was not shown or saved. Free space (or fix "
                                   f"permissions) and re-run the same command to resume") from None
         self.entries.append(entry)
-
-    @property
-    def rerun_rounds(self) -> int:
-        """Round results recorded more than once (re-run after a crash)."""
-        return len(self.entries) - len({e.get("round") for e in self.entries if e.get("round") is not None})
+        self._per_round[round_num] += 1
 
 
 def checkpoint_dir(run_dir: str) -> str:

@@ -71,13 +71,19 @@ HELP = {
 }
 
 
-def define_flags(config_cls) -> None:
+def field_types(config_cls) -> dict[str, type]:
+    """Each field's value type (Optional[X] -> X)."""
     hints = typing.get_type_hints(config_cls)
+    return {f.name: ([a for a in typing.get_args(hints[f.name]) if a is not type(None)][0]
+                     if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name])
+            for f in dataclasses.fields(config_cls)}
+
+
+def define_flags(config_cls) -> None:
+    types = field_types(config_cls)
     for f in dataclasses.fields(config_cls):
-        t = hints[f.name]
-        base = [a for a in typing.get_args(t) if a is not type(None)][0] if typing.get_origin(t) is typing.Union else t
         define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
-                  bool: flags.DEFINE_boolean}[base]
+                  bool: flags.DEFINE_boolean}[types[f.name]]
         define(f.name, f.default, HELP.get(f.name, f.name))
 
 

@@ -72,3 +72,16 @@ class Task:
     @property
     def element_spec(self):
         return self.client_dataset(0, 0).element_spec
+
+
+def numeric_column(column):
+    """A data column as numbers: (values, None), or (None, (label, text)) of
+    the first entry that is present but not a number, for the caller's error
+    message. Empty cells stay NaN (missing)."""
+    import pandas as pd
+
+    values = pd.to_numeric(column, errors="coerce")
+    bad = column[values.isna() & column.notna()]
+    if len(bad):
+        return None, (bad.index[0], bad.iloc[0])
+    return values, None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -122,9 +123,11 @@ def check_resume_compatible(cfg: TrainConfig, previous: dict, pcfg, path: str) -
         raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
                           f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "
                           f"another --output_dir")
+    # The flags are equal; what derives from the data can still differ: the
+    # population, and z when calibrated from --target_epsilon.
     prev_p = previous.get("privacy", {})
     now = dataclasses.asdict(pcfg)
-    for k in ("population", "noise_multiplier", "clients_per_round", "delta", "sampling"):
+    for k in ("population", "noise_multiplier"):
         if k in prev_p and k in now and prev_p[k] != now[k]:
             raise ConfigError(f"cannot resume {path}: the {k.replace('_', ' ')} is now {now[k]!r} but the run "
                               f"being resumed used {prev_p[k]!r} (the data or a setting changed); the privacy "
@@ -171,13 +174,12 @@ class MetricsCsv:
             return list(r), list(r.fieldnames or [])
 
     def _write(self, rows: list[dict], fields: list[str]) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for x in rows:
-                w.writerow({k: x.get(k, "") for k in fields})
-        os.replace(tmp, self.path)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for x in rows:
+            w.writerow({k: x.get(k, "") for k in fields})
+        report.atomic_write_text(self.path, buf.getvalue())
 
     def truncate(self, last_round: int) -> None:
         """Drops rows after ``last_round`` (rounds lost in a crash, re-run on resume)."""
@@ -211,13 +213,12 @@ def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
 def write_by_client(path: str, by_client: dict) -> None:
     keys = {k for row in by_client.values() for k in row}
     fields = sorted(k for k in keys if not k.startswith("baseline_")) + sorted(k for k in keys if k.startswith("baseline_"))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["client"] + fields)
-        for name, row in by_client.items():
-            w.writerow([name] + [f"{row[k]:.6g}" if k in row else "" for k in fields])
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["client"] + fields)
+    for name, row in by_client.items():
+        w.writerow([name] + [f"{row[k]:.6g}" if k in row else "" for k in fields])
+    report.atomic_write_text(path, buf.getvalue())
 
 
 class Progress:
@@ -349,11 +350,8 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     t_start = time.monotonic()
     import tasks
 
-    from tff_pipeline import checkpoint
-
     tasks.check_name(cfg.task)
-    out = cfg.output_dir
-    lock, previous = prepare_output_dir(out, overwrite, cfg.resume)
+    lock, previous = prepare_output_dir(cfg.output_dir, overwrite, cfg.resume)
     try:
         return _run(cfg, callbacks, log, t_start, previous)
     finally:
@@ -435,10 +433,11 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             h(RoundResult(0, 0, pretrain["seconds"], {"loss": pretrain["loss"]}, None,
                           0.0 if pcfg.is_private else None, pretrain["eval"]))
 
-    saved = [ckpt[0] if ckpt else 0]
+    last_saved = ckpt[0] if ckpt else 0
 
     def save_checkpoint(r: int) -> None:
-        saved[0] = r
+        nonlocal last_saved
+        last_saved = r
         checkpoint.save(out, r, state, {"ledger_entries": len(ledger), "pretrain": pretrain, "last_eval": last_eval,
                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, cfg.keep_checkpoints)
 
@@ -451,9 +450,9 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             if stop.signal:
                 break
             if cfg.max_epsilon is not None and pcfg.is_private:
-                spent = privacy.epsilon(pcfg, len(ledger))[0] if len(ledger) else 0.0
                 eps_next = privacy.epsilon(pcfg, len(ledger) + 1)[0]
                 if eps_next > cfg.max_epsilon:
+                    spent = privacy.epsilon(pcfg, len(ledger))[0] if len(ledger) else 0.0
                     stop_reason = (f"privacy budget: round {r} would raise ε from {spent:.4g} to {eps_next:.4g}, "
                                    f"above --max_epsilon={cfg.max_epsilon:g}; stopped after round {r - 1}")
                     log(stop_reason)
@@ -487,7 +486,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             if stop.signal:
                 stop_reason = f"interrupted by {signal.Signals(stop.signal).name} after round {r}"
                 break
-        if rounds_run > saved[0]:
+        if rounds_run > last_saved:
             save_checkpoint(rounds_run)  # a budget stop between checkpoints
     finally:
         for s, h in old.items():
