@@ -186,3 +186,18 @@ def test_a_bad_client_with_non_finite_updates_does_not_poison_the_model(tmp_path
         arrays = []
         f.visititems(lambda name, obj: arrays.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
     assert arrays and all(np.isfinite(a).all() for a in arrays)
+
+
+def test_overwrite_removes_the_earlier_run_only_after_the_new_one_checks_out(tmp_path):
+    out = str(tmp_path / "run")
+    args = _flags(tmp_path, out, rounds=2, checkpoint_every=1)
+    assert run_script("train.py", *args).returncode == 0
+    files = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"}
+    missing = str(tmp_path / "typo.csv")
+    p = run_script("train.py", *args, "--overwrite", f"--traffic_data={missing}", timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: --traffic_data={missing}: no such file")
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"} == files
+    p = run_script("train.py", *args, "--overwrite", "--rounds=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_ledger(out)) == 1 and os.listdir(os.path.join(out, "checkpoints")) == ["ckpt-000001"]

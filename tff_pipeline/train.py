@@ -65,9 +65,11 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
     """Opens the run directory: checks it is a writable directory, locks it
     (one process per run), and decides between a new run and resuming.
 
-    Returns (lock, previous config.json or None). An earlier run is resumed
-    when it has a privacy ledger and --resume is on; with --overwrite its
-    files are removed first; foreign files are never touched."""
+    Returns (lock, previous config.json or None, the earlier run's entries
+    to remove). An earlier run is resumed when it has a privacy ledger and
+    --resume is on; with --overwrite its files are listed for removal, which
+    happens only once the new run's data and settings are known to be good
+    (``remove_entries``); foreign files are never touched."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--output_dir={path} is a file, not a directory; choose another --output_dir")
     try:
@@ -83,15 +85,10 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
     lock = checkpoint.RunLock(path)
     entries = [e for e in os.listdir(path) if e != ".lock"]
     if not entries:
-        return lock, None
+        return lock, None, []
     if overwrite:
-        for e in entries:
-            full = os.path.join(path, e)
-            if e in RUN_FILES or e.startswith(".tmp-"):
-                os.unlink(full)
-            elif e in RUN_DIRS or e.endswith(".tmp"):
-                shutil.rmtree(full, ignore_errors=True)
-        return lock, None
+        return lock, None, [e for e in entries if e in RUN_FILES or e in RUN_DIRS or e.startswith(".tmp-")
+                            or e.endswith(".tmp")]
     has_ledger = os.path.exists(os.path.join(path, "ledger.jsonl"))
     if not has_ledger:
         lock.release()
@@ -108,7 +105,17 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
         lock.release()
         raise ConfigError(f"--output_dir={path} holds a privacy ledger but no readable config.json ({e}); "
                           f"it cannot be resumed safely: choose a new --output_dir")
-    return lock, previous
+    return lock, previous, []
+
+
+def remove_entries(path: str, entries: list[str]) -> None:
+    """Removes an earlier run's files (--overwrite)."""
+    for e in entries:
+        full = os.path.join(path, e)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        elif os.path.exists(full):
+            os.unlink(full)
 
 
 def check_resume_compatible(cfg: TrainConfig, previous: dict, pcfg, path: str) -> None:
@@ -351,14 +358,15 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     import tasks
 
     tasks.check_name(cfg.task)
-    lock, previous = prepare_output_dir(cfg.output_dir, overwrite, cfg.resume)
+    lock, previous, stale = prepare_output_dir(cfg.output_dir, overwrite, cfg.resume)
     try:
-        return _run(cfg, callbacks, log, t_start, previous)
+        return _run(cfg, callbacks, log, t_start, previous, stale)
     finally:
         lock.release()
 
 
-def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[dict]) -> dict[str, Any]:
+def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[dict],
+         stale: list[str]) -> dict[str, Any]:
     import tasks
 
     from tff_pipeline import checkpoint
@@ -371,6 +379,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
     else:
         pcfg, calib = resolve_privacy(cfg, task.population)
         per_client = None
+    remove_entries(out, stale)  # --overwrite: only now that the data and privacy settings have passed their checks
     ledger = checkpoint.Ledger(out)
     ckpt = checkpoint.latest(out) if previous else None
     if previous is not None:
