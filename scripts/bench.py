@@ -8,8 +8,10 @@ same DP aggregator, and central Keras training of the same examples.
 import json
 import os
 import sys
+import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not scripts/
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[0] = ROOT  # repo root, not scripts/
 
 from absl import flags
 
@@ -18,10 +20,13 @@ from tff_pipeline import cli
 WORKLOADS = ("w1", "w2", "keyboard", "medical", "traffic")
 flags.DEFINE_enum("workload", "w1", WORKLOADS + ("all",), "Workload to measure (all = every one).")
 flags.DEFINE_integer("rounds", 10, "Rounds measured per variant (after one warm-up round); the median is reported.")
-flags.DEFINE_integer("clients_per_round", 0, "Override the workload's clients per round (0 = its default).")
+flags.DEFINE_string("clients_per_round", "0", "Override the workload's clients per round (0 = its default). Several, "
+                    "e.g. 10,25,50: measure each and fit seconds per client (the slope) for each variant.")
 flags.DEFINE_integer("population", 1000, "Synthetic workloads (w1, w2): clients to sample from; their data is "
                      "built per round from the sampled ids, so memory should not grow with this.")
-flags.DEFINE_string("variants", "pipeline,tff_stock,central", "Comma-separated: pipeline, tff_stock, central.")
+flags.DEFINE_string("variants", "pipeline,per_client,tff_stock,central",
+                    "Comma-separated: pipeline (ours), per_client (ours before the cohort round), tff_stock, central.")
+flags.DEFINE_string("workers", "", "HOST:PORT,... of running TFF worker services (empty: one local worker).")
 flags.DEFINE_string("output", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -33,33 +38,57 @@ def main(argv):
     if FLAGS.rounds < 1:
         raise cli.UserError(f"--rounds={FLAGS.rounds} must be at least 1")
     variants = tuple(v.strip() for v in FLAGS.variants.split(",") if v.strip())
-    bad = [v for v in variants if v not in ("pipeline", "tff_stock", "central")]
-    if bad or not variants:
-        raise cli.UserError(f"--variants={FLAGS.variants!r}: choose from pipeline, tff_stock, central")
     from tff_pipeline import bench
+    from tff_pipeline.config import TrainConfig
 
+    bad = [v for v in variants if v not in bench.VARIANTS]
+    if bad or not variants:
+        raise cli.UserError(f"--variants={FLAGS.variants!r}: choose from {', '.join(bench.VARIANTS)}")
+    workers = TrainConfig(workers=FLAGS.workers).worker_addresses  # checks HOST:PORT
+
+    try:
+        sizes = [int(c) for c in FLAGS.clients_per_round.split(",")]
+    except ValueError:
+        sizes = [-1]
+    if any(c < 0 for c in sizes):
+        raise cli.UserError(f"--clients_per_round={FLAGS.clients_per_round!r} must be a count or counts, e.g. 10,25,50")
+    if FLAGS.population < 1:
+        raise cli.UserError(f"--population={FLAGS.population} must be at least 1")
+    t = time.monotonic()
+    import tensorflow_federated  # noqa: F401  (start-up, reported apart from the rounds)
+
+    import_s = time.monotonic() - t
+    print(f"import tensorflow_federated: {import_s:.1f} s (after tensorflow)")
     results = []
     for name in WORKLOADS if FLAGS.workload == "all" else (FLAGS.workload,):
-        if FLAGS.population < 1:
-            raise cli.UserError(f"--population={FLAGS.population} must be at least 1")
-        kw = {"clients_per_round": FLAGS.clients_per_round} if FLAGS.clients_per_round else {}
-        kw["population"] = FLAGS.population
-        if name == "w1":
-            w = bench.w1(**kw)
-        elif name == "w2":
-            w = bench.w2(**kw)
-        else:
-            kw.pop("population")
-            w = bench.real_task(name, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                   CONFIGS[name]))
-        results.append(bench.measure(w, variants, FLAGS.rounds))
+        for cpr in sizes:
+            kw = {"clients_per_round": cpr} if cpr else {}
+            if name == "w1":
+                w = bench.w1(population=FLAGS.population, **kw)
+            elif name == "w2":
+                w = bench.w2(population=FLAGS.population, **kw)
+            else:
+                w = bench.real_task(name, os.path.join(ROOT, CONFIGS[name]), **kw)
+            r = bench.measure(w, variants, FLAGS.rounds, workers=workers)
+            r["import_tff_s"] = import_s
+            results.append(r)
+    if len(sizes) > 1:
+        print()
+        for name in dict.fromkeys(r["workload"] for r in results):
+            for v in variants:
+                pts = [(r["clients_per_round"], r["variants"][v]["median_s_per_round"]) for r in results
+                       if r["workload"] == name]
+                a, b = bench.slope(pts)
+                print(f"{name:9s} {v:10s} {a:.4f} s per client per round (+{b:.3f} s)  from " +
+                      ", ".join(f"{c}: {s:.3f}" for c, s in pts))
     print()
-    print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s}")
+    print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s}  (peak RSS MB)")
     for r in results:
         for v, m in r["variants"].items():
             ratio = m.get("ratio_to_central")
             print(f"{r['workload']:9s} {v:10s} {m['median_s_per_round']:8.3f} {m['examples_per_s']:9.0f} "
                   f"{'' if ratio is None else f'{ratio:9.2f}'}")
+        print(f"{r['workload']:9s} {'':10s} {'':8s} {'':9s} {'':9s}  {r['peak_rss_mb']:.0f}")
     if FLAGS.output:
         from tff_pipeline import report
 

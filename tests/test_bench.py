@@ -14,7 +14,8 @@ def test_bench_w2_one_round_writes_json(tmp_path):
     (r,) = json.loads(out.read_text())
     assert r["workload"] == "w2" and r["clients_per_round"] == 10 and set(r["variants"]) == {"pipeline", "central"}
     for v in r["variants"].values():
-        assert v["median_s_per_round"] > 0 and v["examples_per_s"] > 0 and v["peak_rss_mb_so_far"] > 0
+        assert v["median_s_per_round"] > 0 and v["examples_per_s"] > 0 and len(v["s_per_round"]) == 1
+    assert r["peak_rss_mb"] > 0
     assert r["variants"]["central"]["ratio_to_central"] == 1.0
     assert "w2        pipeline" in p.stdout
 
@@ -22,4 +23,5 @@ def test_bench_w2_one_round_writes_json(tmp_path):
 def test_bench_bad_variant_is_one_line(tmp_path):
     p = run_script("bench.py", "--variants=fast", timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == "error: --variants='fast': choose from pipeline, tff_stock, central"
+    assert p.stderr.strip().splitlines()[-1] == \
+        "error: --variants='fast': choose from pipeline, per_client, tff_stock, central"

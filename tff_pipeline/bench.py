@@ -1,10 +1,18 @@
 """Seconds per round, side by side on the same data and model:
 
-* ``pipeline``: our DP-FedAvg process (``tff_pipeline.dp_fedavg.build_process``);
+* ``pipeline``: our DP-FedAvg process (``tff_pipeline.cohort``: the cohort in
+  one TF computation per worker), including splitting the cohort into shards;
+* ``per_client``: the pipeline before ``cohort`` (TFF's per-client
+  ``build_unweighted_fed_avg`` with our non-finite guard around
+  ``gaussian_adaptive``), kept as the "before" column;
 * ``tff_stock``: TFF's ``build_unweighted_fed_avg`` with the same
   ``gaussian_adaptive`` DP aggregator and optimizers;
 * ``central``: the same round's examples trained in one Keras ``tf.function``
   loop (one pass, same batch size and client learning rate): the limit.
+
+Each round's client datasets are built once, untimed, and every variant
+trains on them in turn (interleaved round by round, so drift in machine speed
+hits all variants alike).
 
 Workloads: W1 (keyboard-like causal Transformer, synthetic tokens), W2
 (tabular attention, synthetic rows), and each real task's default config.
@@ -121,11 +129,13 @@ def w2(population: int = 1000, clients_per_round: int = 10) -> Workload:
                     f"tabular attention, 30 feature tokens, {clients_per_round} clients x {rows} rows, batch 16")
 
 
-def real_task(name: str, config_file: str) -> Workload:
+def real_task(name: str, config_file: str, clients_per_round: int = 0) -> Workload:
     """A real task at its default config (client level: DP-FedAvg)."""
     import tasks
 
     cfg = TrainConfig(**read_flagfile(config_file))
+    if clients_per_round:
+        cfg = dataclasses.replace(cfg, clients_per_round=clients_per_round)
     if cfg.target_epsilon is not None:
         cfg = dataclasses.replace(cfg, target_epsilon=None, noise_multiplier=1.0)
     task = tasks.build(cfg)
@@ -182,56 +192,95 @@ def _count_examples(datasets) -> int:
     return int(sum(int(np.shape(x)[0]) for ds in datasets for x, _ in ds))
 
 
-def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print) -> dict:
+VARIANTS = ("pipeline", "per_client", "tff_stock", "central")
+
+
+def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print,
+            workers=()) -> dict:
     """Median seconds per round (after one warm-up round) of each variant."""
     import tensorflow_federated as tff
 
-    from tff_pipeline import dp_fedavg, privacy, runtime, train
+    from tff_pipeline import cohort, dp_fedavg, runtime, train
 
-    runtime.install_context()
+    num_workers = runtime.install_context(workers)
     pcfg, _ = train.resolve_privacy(w.cfg, w.task.population)
     sampler = pcfg.sampler(w.cfg.seed)
     cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
-           "population": w.task.population,
+           "population": w.task.population, "workers": list(workers) or ["local"],
            "rounds_measured": rounds, "variants": {}}
+    steps, build_s = {}, {}
     for variant in variants:
         t0 = time.monotonic()
         if variant == "central":
-            step = _central_round(w.task, w.cfg)
+            steps[variant] = _central_round(w.task, w.cfg)
         else:
             if variant == "pipeline":
-                process = dp_fedavg.build_process(w.task, w.cfg, pcfg)
+                process = cohort.build_process(w.task, w.cfg, pcfg)
+            elif variant == "per_client":
+                process = dp_fedavg.build_per_client_process(w.task, w.cfg, pcfg)
             else:
                 process = tff.learning.algorithms.build_unweighted_fed_avg(
                     dp_fedavg.model_fn_for(w.task),
                     client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=w.cfg.client_learning_rate),
                     server_optimizer_fn=dp_fedavg.server_optimizer(w.cfg),
                     model_aggregator=dp_fedavg.build_aggregator(w.cfg, pcfg))
-            state = process.initialize()
-        build_s = time.monotonic() - t0
-        times, examples = [], []
-        for r, ids in enumerate(cohorts):
+            steps[variant] = _process_round(process, variant == "pipeline", num_workers)
+        build_s[variant] = time.monotonic() - t0
+    times = {v: [] for v in variants}
+    first, examples = {}, []
+    for r, ids in enumerate(cohorts):
+        data = [w.task.client_dataset(int(i), r) for i in ids]
+        if r:
+            examples.append(_count_examples(data))
+        for variant in variants:
             t = time.monotonic()
-            data = [w.task.client_dataset(int(i), r) for i in ids]
-            if variant == "central":
-                step(data)
-            else:
-                state = process.next(state, data).state
+            steps[variant](data)
             dt = time.monotonic() - t
             if r:  # round 0 is the warm-up (tracing)
-                times.append(dt)
-                examples.append(_count_examples(data))
+                times[variant].append(dt)
             else:
-                first = dt
-        med = statistics.median(times)
-        rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
-        out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": statistics.median(examples) / med,
-                                    "build_s": build_s, "first_round_s": first, "peak_rss_mb_so_far": rss}
-        log(f"{w.name:9s} {variant:10s} {med:7.3f} s/round  {statistics.median(examples) / med:9.0f} ex/s  "
-            f"build {build_s:5.1f} s  first round {first:6.2f} s  peak RSS so far {rss:7.0f} MB")
+                first[variant] = dt
+        log(f"{w.name:9s} round {r:3d} {len(ids):4d} clients  " +
+            "  ".join(f"{v} {(times[v][-1] if r else first[v]):6.3f} s" for v in variants))
+    rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
+    out["peak_rss_mb"] = rss
+    ex = statistics.median(examples)
+    for variant in variants:
+        med = statistics.median(times[variant])
+        out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": ex / med,
+                                    "build_s": build_s[variant], "first_round_s": first[variant],
+                                    "s_per_round": times[variant]}
     c = out["variants"].get("central", {}).get("median_s_per_round")
     if c:
         for v in out["variants"].values():
             v["ratio_to_central"] = v["median_s_per_round"] / c
+            # the same ratio round by round (both ran on that round's data), then the median: robust to drift
+            v["median_ratio_per_round"] = statistics.median(
+                a / b for a, b in zip(v["s_per_round"], out["variants"]["central"]["s_per_round"]))
+    for v, m in out["variants"].items():
+        log(f"{w.name:9s} {v:10s} {m['median_s_per_round']:7.3f} s/round  {m['examples_per_s']:9.0f} ex/s  "
+            f"build {m['build_s']:5.1f} s  first round {m['first_round_s']:6.2f} s" +
+            (f"  {m['ratio_to_central']:.2f}x central (round by round {m['median_ratio_per_round']:.2f}x)"
+             if c else ""))
+    log(f"{w.name:9s} peak RSS (Python + local worker) {rss:7.0f} MB")
     return out
+
+
+def _process_round(process, sharded: bool, num_workers: int) -> Callable[[list], None]:
+    from tff_pipeline import cohort
+
+    state = [process.initialize()]
+
+    def run(datasets):
+        data = cohort.shard_datasets(datasets, num_workers) if sharded else datasets
+        state[0] = process.next(state[0], data).state
+
+    return run
+
+
+def slope(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line through (clients per round, s/round): (s per client, intercept s)."""
+    x, y = np.array(points, dtype=float).T
+    a, b = np.polyfit(x, y, 1)
+    return float(a), float(b)

@@ -62,6 +62,9 @@ HELP = {
     "keep_checkpoints": "Keep the newest N checkpoints.",
     "resume": "Resume an earlier run found in --output_dir from its last checkpoint (every round it released "
               "stays counted); --resume=false refuses to touch it.",
+    "workers": "Run on running TFF worker services, HOST:PORT,... (start each with TFF's worker_binary, see "
+               "README); each round's cohort is split across them. Empty: one local worker, started and stopped "
+               "by this run.",
     "vocab_size": "Vocabulary size (keyboard), from public sources.",
     "seq_len": "Sequence length in words (keyboard).",
     "model_dim": "Model width.",

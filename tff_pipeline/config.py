@@ -59,6 +59,9 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     resume: bool = True
+    # Execution: running TFF worker services (HOST:PORT,...); empty = one
+    # local worker started and stopped by this process.
+    workers: str = ""
     # Model / data shape (keyboard).
     vocab_size: int = 10000
     seq_len: int = 20
@@ -122,12 +125,22 @@ class TrainConfig:
                      "model_dim", "heads", "layers", "ff_dim"):
             v = getattr(self, name)
             need(v >= 1, f"--{name}={v} must be at least 1")
+        for w in self.worker_addresses:
+            host, _, port = w.rpartition(":")
+            need(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+                 f"--workers: {w!r} is not HOST:PORT; give e.g. --workers=10.0.0.5:8000,10.0.0.6:8000")
+        need(len(set(self.worker_addresses)) == len(self.worker_addresses),
+             f"--workers={self.workers} names a worker twice; list each HOST:PORT once")
         need(self.model_dim % self.heads == 0,
              f"--model_dim={self.model_dim} must be divisible by --heads={self.heads}")
 
     @property
     def frozen_layers(self) -> tuple[str, ...]:
         return tuple(n.strip() for n in self.freeze_layers.split(",") if n.strip())
+
+    @property
+    def worker_addresses(self) -> tuple[str, ...]:
+        return tuple(w.strip() for w in self.workers.split(",") if w.strip())
 
     @property
     def noise_is_calibrated(self) -> bool:

@@ -107,56 +107,70 @@ def stop_workers(timeout: float = 5.0) -> None:
 atexit.register(stop_workers)
 
 
-def _executor_factory(targets: Sequence[str]):
-    """A TFF executor factory over running worker services at ``targets``."""
+def _executor_factory(target: str, ready_timeout: float = 20.0):
+    """A TFF executor factory over the running worker service at ``target``."""
     import grpc
     from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
     from tensorflow_federated.python.core.impl.executors import remote_executor
     from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
     from tensorflow_federated.python.core.impl.types import placements
 
-    stubs = [
-        remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(t, _GRPC_OPTIONS))
-        for t in targets
-    ]
-    deadline = time.monotonic() + 60
-    while not all(s.is_ready for s in stubs):
+    from tff_pipeline.config import ConfigError
+
+    stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(target, _GRPC_OPTIONS))
+    deadline = time.monotonic() + ready_timeout
+    while not stub.is_ready:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"TFF worker(s) at {', '.join(targets)} did not become ready within 60 s")
+            raise ConfigError(f"--workers: no TFF worker answered at {target} within {ready_timeout:.0f} s; start "
+                              f"one there (README, 'Remote workers') or fix the address")
         time.sleep(0.05)
 
     def stack_fn(cardinalities):
         if cardinalities.get(placements.CLIENTS) is None:
             cardinalities[placements.CLIENTS] = 0
-        ex = remote_executor.RemoteExecutor(stubs[0])
+        ex = remote_executor.RemoteExecutor(stub)
         ex.set_cardinalities(cardinalities)
         return ex
 
     return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
-_context_set = False
+_installed: Optional[tuple[str, ...]] = None
 
 
-def install_context() -> None:
-    """Makes TFF run computations on a worker we own (started here, once)."""
-    global _context_set
-    if _context_set:
-        return
+def install_context(workers: Sequence[str] = ()) -> int:
+    """Makes TFF run computations on TFF worker services; returns how many.
+
+    Without ``workers``: one worker on localhost, started here (once) and
+    stopped at exit. With ``workers`` (HOST:PORT of running worker services):
+    TFF's mergeable-computation context, which splits each round's
+    CLIENTS-placed values across the workers, runs the part up to the
+    aggregation on each, merges the sums and runs the rest once."""
+    global _installed
+    workers = tuple(workers)
+    if _installed == workers:
+        return max(1, len(workers))
     from tensorflow_federated.python.core.backends.native import compiler
+    from tensorflow_federated.python.core.backends.native import execution_contexts
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
     from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+    from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 
-    _, port = start_worker()
-    context = sync_execution_context.SyncExecutionContext(
-        executor_fn=_executor_factory([f"localhost:{port}"]),
-        compiler_fn=compiler.desugar_and_transform_to_native,
-        transform_args=tensorflow_computation.transform_args,
-        transform_result=tensorflow_computation.transform_result,
-    )
+    args = dict(compiler_fn=compiler.desugar_and_transform_to_native,
+                transform_args=tensorflow_computation.transform_args,
+                transform_result=tensorflow_computation.transform_result)
+    if workers:
+        contexts = [async_execution_context.AsyncExecutionContext(executor_fn=_executor_factory(w), **args)
+                    for w in workers]
+        context = execution_contexts.create_mergeable_comp_execution_context(contexts)
+    else:
+        _, port = start_worker()
+        context = sync_execution_context.SyncExecutionContext(executor_fn=_executor_factory(f"localhost:{port}", 60),
+                                                              **args)
     context_stack_impl.context_stack.set_default_context(context)
-    _context_set = True
+    _installed = workers
+    return max(1, len(workers))
 
 
 def live_worker_pids(marker: Optional[str] = None) -> list[int]:

@@ -55,7 +55,7 @@ RUN_FILES = ("config.json", "metrics.csv", "privacy_report.json", "privacy_repor
 RUN_DIRS = ("saved_model", "checkpoints")
 # Settings that may differ when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
-                     "output_dir", "audit")
+                     "output_dir", "audit", "workers")
 PRIVACY_FIELDS = ("noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "delta",
                   "clipped_count_stddev", "privacy_unit", "l2_norm_clip", "local_steps", "batch_size",
                   "max_client_examples", "seed", "task", "traffic_data", "medical_data")
@@ -379,6 +379,9 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
     else:
         pcfg, calib = resolve_privacy(cfg, task.population)
         per_client = None
+    from tff_pipeline import runtime
+
+    num_workers = runtime.install_context(cfg.worker_addresses)  # an unreachable --workers fails here, early
     remove_entries(out, stale)  # --overwrite: only now that the data and privacy settings have passed their checks
     ledger = checkpoint.Ledger(out)
     ckpt = checkpoint.latest(out) if previous else None
@@ -407,24 +410,29 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
     elif os.path.exists(metrics_csv.path):
         os.unlink(metrics_csv.path)
 
-    from tff_pipeline import dp_fedavg, runtime
+    from tff_pipeline import cohort, dp_fedavg
 
-    runtime.install_context()
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
     if unit == "example":
         from tff_pipeline import dp_sgd
 
         process = dp_sgd.build_process(task, cfg, pcfg.noise_multiplier, cfg.frozen_layers)
     else:
-        process = dp_fedavg.build_process(task, cfg, pcfg)
+        process = cohort.build_process(task, cfg, pcfg)
     state = process.initialize()
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(cfg.seed)  # the start model comes from --seed
     keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
     pretrain, first_round, last_eval, stop_reason = None, 1, {}, "completed all planned rounds"
     if ckpt:
         state, meta = checkpoint.load(ckpt[1], state)
         first_round, pretrain, last_eval = ckpt[0] + 1, meta.get("pretrain"), meta.get("last_eval") or {}
-    elif cfg.public_pretrain_epochs:
-        pretrain = pretrain_on_public_data(task, cfg, keras_model, log)
+    else:
+        # The start model is the Keras model built here from --seed (then pre-trained, if asked), not TFF's own
+        # initialisation: the same seed gives the same start on one local worker or on several.
+        if cfg.public_pretrain_epochs:
+            pretrain = pretrain_on_public_data(task, cfg, keras_model, log)
         import tensorflow_federated as tff
 
         state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
@@ -470,6 +478,8 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             ids = sampler.sample(r, ledger.attempts(r)) if unit == "client" else sampler.sample(r)
             round_seed = cfg.seed * 1_000_003 + r
             data = [task.client_dataset(int(i), round_seed) for i in ids]
+            if unit == "client":  # the cohort as one shard per worker (tff_pipeline.cohort)
+                data = cohort.shard_datasets(data, num_workers)
             result = process.next(state, data)
             ledger.append(r, len(ids))  # before anything of this round is shown or saved
             state = result.state

@@ -1,0 +1,124 @@
+"""The cohort round (tff_pipeline.cohort) is TFF's per-client DP-FedAvg round:
+same clipping, clip update, noise and server step, only faster."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+
+def _make_client(i, round_seed):
+    """Tabular clients of different sizes; every third client has no data."""
+    rng = np.random.default_rng([i, 7])
+    rows = 0 if i % 3 == 0 else 5 + 4 * (i % 5)
+    x = rng.normal(size=(rows, 6)).astype(np.float32)
+    y = (x[:, :2].sum(1) > 0).astype(np.float32)[:, None]
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def small():
+    import tensorflow as tf
+
+    from tff_pipeline import bench, models, runtime
+    from tff_pipeline.config import TrainConfig
+
+    def build():
+        inp = tf.keras.Input(shape=(6,), dtype=tf.float32)
+        x = tf.keras.layers.Reshape((6, 1))(inp)
+        x = tf.keras.layers.Dense(8)(x)
+        x = models.transformer_block(x, 8, 2, 16, 0.0, causal=False, name="block0")
+        x = tf.keras.layers.GlobalAveragePooling1D()(x)
+        return tf.keras.Model(inp, tf.keras.layers.Dense(1)(x))
+
+    task = bench._synthetic_task("small", build, lambda: tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                                 _make_client, 30, 4)
+    runtime.install_context()
+    cfg = TrainConfig(task="small", clients_per_round=8, sampling="fixed", noise_multiplier=0.0, batch_size=4,
+                      client_learning_rate=0.2, server_optimizer="sgdm", server_learning_rate=1.0,
+                      server_momentum=0.5, initial_clip=0.05)
+    return task, cfg
+
+
+def _pcfg(cfg, task):
+    from tff_pipeline import train
+
+    return train.resolve_privacy(cfg, task.population)[0]
+
+
+def test_shards_keep_clients_whole_in_order_and_give_empty_clients_one_empty_batch():
+    import tensorflow as tf
+
+    from tff_pipeline import cohort
+
+    datasets = [tf.data.Dataset.from_tensor_slices(np.full((n, 2), i, np.float32)).batch(2) for i, n in
+                enumerate([3, 0, 4, 1, 2])]
+    shards = cohort.shard_datasets(datasets, 2)
+    assert len(shards) == 2
+    got = [[(int(s), x.shape[0], float(x[0, 0]) if x.shape[0] else None) for s, x in ds] for ds in shards]
+    assert got == [[(0, 2, 0.0), (0, 1, 0.0), (1, 0, None)],
+                   [(2, 2, 2.0), (2, 2, 2.0), (3, 1, 3.0), (4, 2, 4.0)]]
+    assert len(cohort.shard_datasets(datasets, 9)) == 5 and cohort.shard_datasets([], 2) == []
+
+
+def test_cohort_round_equals_tff_per_client_round_without_noise(small):
+    """Noise off, so the rounds are deterministic: four rounds of TFF's own
+    build_unweighted_fed_avg + gaussian_adaptive and of ours (the cohort split
+    into 1 and into 3 shards) give the same weights, adaptive clip and loss.
+    Cohorts include clients without data."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import cohort, dp_fedavg
+
+    task, cfg = small
+    pcfg = _pcfg(cfg, task)
+    stock = tff.learning.algorithms.build_unweighted_fed_avg(
+        dp_fedavg.model_fn_for(task),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),
+        server_optimizer_fn=dp_fedavg.server_optimizer(cfg), model_aggregator=dp_fedavg.build_aggregator(cfg, pcfg))
+    ours = cohort.build_process(task, cfg, pcfg)
+    s_stock = stock.initialize()
+    states = {n: ours.set_model_weights(ours.initialize(), stock.get_model_weights(s_stock)) for n in (1, 3)}
+    for r in range(1, 5):
+        ids = [(7 * r + j) % 30 for j in range(8)]  # eight consecutive clients: two or three have no data
+        data = [task.client_dataset(int(i), r) for i in ids]
+        out_stock = stock.next(s_stock, data)
+        s_stock = out_stock.state
+        want = stock.get_model_weights(s_stock).trainable
+        for n in (1, 3):
+            out = ours.next(states[n], cohort.shard_datasets(data, n))
+            states[n] = out.state
+            for a, b in zip(ours.get_model_weights(out.state).trainable, want):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            got_m, want_m = out.metrics, out_stock.metrics
+            assert got_m["aggregator"]["dp_query_metrics"]["clip"] == pytest.approx(
+                want_m["aggregator"]["dp_query_metrics"]["clip"], rel=1e-6)
+            for k in ("loss", "num_examples", "num_batches"):
+                assert got_m["client_work"]["train"][k] == pytest.approx(want_m["client_work"]["train"][k], rel=1e-5)
+            assert got_m["client_work"]["clients"] == len(ids)
+            assert got_m["aggregator"]["non_finite_updates_zeroed"] == sum(1 for i in ids if i % 3 == 0)
+    clip = out.metrics["aggregator"]["dp_query_metrics"]["clip"]
+    assert clip != pytest.approx(cfg.initial_clip)  # the clip did adapt
+
+
+def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
+    """A cohort of clients without data sends zero updates, so the server
+    step (SGD, lr 1, no momentum) moves the model by the noise alone: each
+    coordinate N(0, (z_eff · clip / expected cohort)²), with z_eff TFF's
+    adaptive-clipping value noise for z = 1 and σ_b = 2."""
+    from tff_pipeline import cohort
+
+    task, cfg = small
+    cfg = dataclasses.replace(cfg, noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
+    pcfg = _pcfg(cfg, task)
+    process = cohort.build_process(task, cfg, pcfg)
+    state = process.initialize()
+    before = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
+    data = [task.client_dataset(i, 1) for i in (0, 3, 6, 9, 12, 15, 18, 21)]
+    state = process.next(state, cohort.shard_datasets(data, 2)).state
+    after = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
+    z_eff = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5
+    expected = z_eff * cfg.initial_clip / 8
+    assert before.size > 500
+    assert np.std(after - before) == pytest.approx(expected, rel=0.08)
+    assert abs(np.mean(after - before)) < 4 * expected / np.sqrt(before.size)

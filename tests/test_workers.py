@@ -1,0 +1,64 @@
+"""--workers: training on two TFF worker services (TFF's own worker_binary) on
+127.0.0.1, the cohort split across them, gives the model of a local run."""
+
+import os
+
+import h5py
+import numpy as np
+
+from conftest import load_json, run_script
+from tff_pipeline import runtime
+
+ARGS = ["--task=medical", "--privacy_unit=client", "--clients_per_round=4", "--sampling=fixed",
+        "--noise_multiplier=0", "--rounds=3", "--eval_every=3", "--seed=3", "--model_dim=16", "--heads=2",
+        "--layers=1", "--ff_dim=32", "--batch_size=16", "--client_learning_rate=0.1", "--server_optimizer=sgdm",
+        "--server_learning_rate=1.0"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _weights(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_two_workers_match_a_local_run(tmp_path):
+    workers = [runtime.start_worker(log_path=str(tmp_path / f"worker{i}.log")) for i in range(2)]
+    try:
+        idle = [_cpu_seconds(p.pid) for p, _ in workers]
+        local = run_script("train.py", f"--output_dir={tmp_path / 'local'}", *ARGS)
+        assert local.returncode == 0, local.stderr[-3000:]
+        remote = run_script("train.py", f"--output_dir={tmp_path / 'remote'}",
+                            "--workers=" + ",".join(f"127.0.0.1:{port}" for _, port in workers), *ARGS)
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        busy = [_cpu_seconds(p.pid) - t for (p, _), t in zip(workers, idle)]
+        assert all(b > 0.5 for b in busy), f"worker CPU seconds during the run: {busy}"  # both trained clients
+    finally:
+        runtime.stop_workers()
+    assert all(p.poll() is not None for p, _ in workers)
+
+    a, b = _weights(tmp_path / "local" / "final_weights.h5"), _weights(tmp_path / "remote" / "final_weights.h5")
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    moved = max(float(np.max(np.abs(v))) for v in a.values())
+    assert moved > 0
+    ra, rb = (load_json(tmp_path / d / "summary.json") for d in ("local", "remote"))
+    assert ra["rounds_run"] == rb["rounds_run"] == 3
+    la = load_json(tmp_path / "local" / "config.json")["config"]["workers"]
+    assert la == "" and load_json(tmp_path / "remote" / "config.json")["config"]["workers"].count(":") == 2
+
+
+def test_unreachable_worker_is_one_line(tmp_path):
+    port = runtime._free_port()  # nothing listens there
+    p = run_script("train.py", f"--output_dir={tmp_path / 'r'}", f"--workers=127.0.0.1:{port}", *ARGS)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"error: --workers: no TFF worker answered at 127.0.0.1:{port} within 20 s; start one there "
+        f"(README, 'Remote workers') or fix the address")

@@ -1,0 +1,249 @@
+"""DP-FedAvg with adaptive clipping, one TF computation per cohort shard.
+
+The same algorithm as TFF's ``build_unweighted_fed_avg`` with the
+``gaussian_adaptive`` DP aggregator (McMahan et al. 2018,
+https://arxiv.org/abs/1710.06963; adaptive clipping of Andrew et al. 2021,
+https://arxiv.org/abs/1905.03871), run so that TFF's per-client cost goes:
+
+* The cohort is split into ``num_shards`` shards (one per TFF worker). A shard
+  is one CLIENTS-placed dataset of ``(client slot, batch)`` elements.
+* In one TF computation per shard, each client in turn starts from the
+  broadcast model, trains locally (SGD, one pass over its own batches, as
+  TFF's model-delta client work), and its delta is zeroed if non-finite,
+  then clipped with the DP query's ``preprocess_record``. That is per-client
+  clipping at the adaptive norm, plus the client's unclipped indicator. The
+  shard returns the sum of its clients' records.
+* TFF sums the shards (``federated_sum``). The server draws the noise once on
+  the sum and updates the clip with the query's ``get_noised_result``.
+
+The query is the very ``tensorflow_privacy`` object that TFF's
+``DifferentiallyPrivateFactory.gaussian_adaptive`` builds, so the clip,
+noise, normalisation by the expected cohort and clip update are TFF's.
+A shard's records are summed, and the query's ``merge_sample_states`` for
+these queries is addition too, so the sharding changes only the order of
+floating-point additions.
+
+TFF orchestrates all of it. The process is a
+``tff.learning.templates.LearningProcess``, made from TFF's broadcast
+distributor, this cohort part, and TFF's optimizer finalizer. Its state is
+``LearningAlgorithmState``. Client training and DP aggregation form one
+part: a client's delta must be clipped with the aggregator's current clip
+before it joins the shard's sum, and ``compose_learning_process`` gives
+client work no view of aggregator state.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from tff_pipeline.config import TrainConfig
+from tff_pipeline.privacy import PrivacyConfig
+
+
+def shard_datasets(datasets, num_shards: int):
+    """The cohort's per-client datasets as ``num_shards`` shard datasets of
+    ``(slot, batch)``. Slot is the client's position in the cohort. Clients
+    stay whole and in order, and shard sizes differ by at most one client.
+    An empty cohort gives an empty list."""
+    import tensorflow as tf
+
+    n = len(datasets)
+    k = max(1, min(num_shards, n)) if n else 0
+    counts = [_num_batches(d) for d in datasets]
+    # A client with no data still sends a (zero) update, as in TFF's per-client round: it gets one empty batch.
+    datasets = [d if c else tf.data.Dataset.from_tensors(_empty_batch(d.element_spec)) for d, c in zip(datasets, counts)]
+    counts = [max(c, 1) for c in counts]
+    shards, start = [], 0
+    for s in range(k):
+        stop = start + (n - start) // (k - s)
+        # The slot of each batch is zipped on, not mapped: one map function per client would make the
+        # worker instantiate as many functions each round.
+        slots = np.repeat(np.arange(start, stop, dtype=np.int32), counts[start:stop])
+        batches = datasets[start]
+        for d in datasets[start + 1:stop]:
+            batches = batches.concatenate(d)
+        shards.append(tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(slots), batches)))
+        start = stop
+    return shards
+
+
+def _num_batches(ds) -> int:
+    import tensorflow as tf
+
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))  # unknown length: count once
+
+
+def _empty_batch(spec):
+    import tensorflow as tf
+
+    return tf.nest.map_structure(lambda t: tf.zeros([0] + t.shape.as_list()[1:], t.dtype), spec)
+
+
+def dp_query(cfg: TrainConfig, pcfg: PrivacyConfig):
+    """The tensorflow-privacy query of TFF's ``gaussian_adaptive`` factory
+    for these settings (taken from the factory, so the two cannot differ)."""
+    from tff_pipeline import dp_fedavg
+
+    return dp_fedavg.build_aggregator(cfg, pcfg)._query  # pinned TFF 0.87; tests compare with TFF's own process
+
+
+def build_process(task, cfg: TrainConfig, pcfg: PrivacyConfig):
+    """The DP-FedAvg learning process for ``task``. ``next(state, shards)``
+    takes ``shard_datasets(client datasets, n)`` for any n ≥ 1."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg
+
+    model_fn = dp_fedavg.model_fn_for(task, cfg.frozen_layers)
+    query = dp_query(cfg, pcfg)
+    lr = float(cfg.client_learning_rate)
+    with tf.Graph().as_default():
+        model = model_fn()
+        metric_finalizers = model.metric_finalizers()
+        input_spec = model.input_spec
+        weights_type = tff.learning.models.weights_type_from_model(model)
+    trainable_spec = tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable)
+    shard_type = tff.SequenceType(tff.types.tensorflow_to_type((tf.TensorSpec([], tf.int32), input_spec)))
+
+    @tff.tensorflow.computation
+    def initial_weights():
+        return tff.learning.models.ModelWeights.from_model(model_fn())
+
+    @tff.tensorflow.computation
+    def initial_query_state():
+        return query.initial_global_state()
+
+    query_state_type = initial_query_state.type_signature.result
+
+    @tff.tensorflow.computation(query_state_type)
+    def derive_params(state):
+        return query.derive_sample_params(state)
+
+    params_type = derive_params.type_signature.result
+
+    def make_shard_update():
+        model = model_fn()
+        keras_model, loss_fn, metrics = model._keras_model, task.loss(), model.get_metrics()
+        weights = tff.learning.models.ModelWeights.from_model(model)
+        trainable = list(weights.trainable)
+        template = query.initial_sample_state(trainable_spec)
+        acc = tf.nest.map_structure(lambda t: tf.Variable(tf.zeros_like(t), trainable=False), template)
+        current = tf.Variable(-1, dtype=tf.int32, trainable=False)
+        clients = tf.Variable(0, dtype=tf.int32, trainable=False)
+        zeroed = tf.Variable(0, dtype=tf.int32, trainable=False)
+
+        @tf.function  # automatic control dependencies: every assignment runs, in program order
+        def shard_update(initial, params, shard):
+            for v in tf.nest.flatten(acc):
+                v.assign(tf.zeros_like(v))
+            current.assign(-1)
+            clients.assign(0)
+            zeroed.assign(0)
+
+            def start_client(slot):
+                tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
+                current.assign(slot)
+                clients.assign_add(1)
+
+            def finish_client():
+                delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
+                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
+                all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
+                delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+                zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
+                record = query.preprocess_record(params, tuple(delta))
+                summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
+                tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)
+
+            # tf.not_equal, not !=: inside a TFF computation's graph, != on tensors is Python identity.
+            for slot, batch in shard:
+                if tf.not_equal(slot, current.read_value()):
+                    if tf.greater_equal(current.read_value(), 0):
+                        finish_client()
+                    start_client(slot)
+                x, y = batch
+                with tf.GradientTape() as tape:
+                    predictions = keras_model(x, training=True)
+                    batch_loss = loss_fn(y, predictions)
+                    loss = tf.add_n([batch_loss] + keras_model.losses)  # as TFF's forward_pass
+                # TFF's metrics, but the loss metric takes this batch loss instead of computing it again.
+                # (An empty batch stands for a client without data: Keras gives it loss 0 and zero
+                # gradients, and it is kept out of the metrics.)
+                if tf.shape(predictions)[0] > 0:
+                    for m in metrics:
+                        if m.name == "loss":
+                            tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
+                        else:
+                            m.update_state(y, predictions)
+                for v, g in zip(trainable, tape.gradient(loss, trainable)):
+                    if g is None:
+                        continue
+                    if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
+                        v.scatter_sub(tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+                    else:
+                        v.assign_sub(lr * g)
+            if tf.greater_equal(current.read_value(), 0):
+                finish_client()
+            return (tf.nest.map_structure(tf.identity, acc), model.report_local_unfinalized_metrics(),
+                    clients.read_value(), zeroed.read_value())
+
+        return shard_update
+
+    @tff.tensorflow.computation(weights_type, params_type, shard_type)
+    def shard_update(initial, params, shard):
+        return make_shard_update()(initial, params, shard)
+
+    record_sum_type = shard_update.type_signature.result[0]
+
+    @tff.tensorflow.computation(record_sum_type, query_state_type)
+    def noised_mean(record_sum, state):
+        result, new_state, _ = query.get_noised_result(record_sum, state)
+        return result, new_state, query.derive_metrics(new_state)
+
+    metrics_agg = tff.learning.metrics.sum_then_finalize(metric_finalizers)
+    distributor = tff.learning.templates.build_broadcast_process(weights_type)
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
+    state_cls = tff.learning.templates.LearningAlgorithmState
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_zip(state_cls(
+            tff.federated_eval(initial_weights, tff.SERVER), distributor.initialize(),
+            tff.federated_value((), tff.SERVER), tff.federated_eval(initial_query_state, tff.SERVER),
+            finalizer.initialize()))
+
+    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(shard_type, tff.CLIENTS))
+    def next_fn(state, shards):
+        dist = distributor.next(state.distributor, state.global_model_weights)
+        params = tff.federated_broadcast(tff.federated_map(derive_params, state.aggregator))
+        records, local_metrics, clients, zeroed = tff.federated_map(shard_update, (dist.result, params, shards))
+        update, query_state, query_metrics = tff.federated_map(
+            noised_mean, (tff.federated_sum(records), state.aggregator))
+        fin = finalizer.next(state.finalizer, state.global_model_weights, update)
+        new_state = tff.federated_zip(state_cls(fin.result, dist.state, state.client_work, query_state, fin.state))
+        metrics = tff.federated_zip(collections.OrderedDict(
+            distributor=dist.measurements,
+            client_work=tff.federated_zip(collections.OrderedDict(
+                train=metrics_agg(local_metrics), clients=tff.federated_sum(clients))),
+            aggregator=tff.federated_zip(collections.OrderedDict(
+                dp_query_metrics=query_metrics, non_finite_updates_zeroed=tff.federated_sum(zeroed))),
+            finalizer=fin.measurements))
+        return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+    state_type = next_fn.type_signature.parameter[0].member
+
+    @tff.tensorflow.computation(state_type)
+    def get_model_weights(state):
+        return state.global_model_weights
+
+    @tff.tensorflow.computation(state_type, state_type.global_model_weights)
+    def set_model_weights(state, weights):
+        return state_cls(weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
+
+    return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)
