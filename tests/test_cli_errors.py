@@ -25,6 +25,7 @@ def _one_line_error(p):
     (["--noise_multiplier=1", "--target_epsilon=3"], "error: give either --noise_multiplier or --target_epsilon"),
     (["--model_dim=30", "--heads=4"], "error: --model_dim=30 must be divisible by --heads=4"),
     (["stray"], "error: unexpected arguments: stray"),
+    (["--workers=nohost"], "error: --workers: 'nohost' is not HOST:PORT; give e.g. --workers=10.0.0.5:8000"),
 ])
 def test_invalid_flags(tmp_path, flags, expected):
     p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", *flags, timeout=300)

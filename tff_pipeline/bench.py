@@ -92,7 +92,8 @@ def w1(population: int = 1000, clients_per_round: int = 50) -> Workload:
         "w1", lambda: models.causal_transformer_lm(vocab, length, 96, 4, 1, 192),
         lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), make_client, population, 16)
     cfg = TrainConfig(task="w1", clients_per_round=clients_per_round, noise_multiplier=1.0, batch_size=16,
-                      client_learning_rate=0.5, server_optimizer="adam", server_learning_rate=0.003)
+                      client_learning_rate=0.5, server_optimizer="adam", server_learning_rate=0.003,
+                      clipped_count_stddev=max(0.05 * clients_per_round, 1.0))  # TFF's default, or 1 for small cohorts
     return Workload("w1", task, cfg, clients_per_round,
                     f"causal Transformer, vocab 10k, len 20, d 96, {clients_per_round} clients x 64 seq, batch 16")
 
