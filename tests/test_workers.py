@@ -60,5 +60,6 @@ def test_unreachable_worker_is_one_line(tmp_path):
     p = run_script("train.py", f"--output_dir={tmp_path / 'r'}", f"--workers=127.0.0.1:{port}", *ARGS)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == (
-        f"error: --workers: no TFF worker answered at 127.0.0.1:{port} within 20 s; start one there "
+        f"error: --workers: no TFF worker answered at 127.0.0.1:{port} (Connection refused); start one there "
         f"(README, 'Remote workers') or fix the address")
+    assert not os.listdir(tmp_path / "r") or os.listdir(tmp_path / "r") == [".lock"]

@@ -135,6 +135,20 @@ def _executor_factory(target: str, ready_timeout: float = 20.0):
     return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
+def check_reachable(workers: Sequence[str], timeout: float = 5.0) -> None:
+    """Fails fast, before TFF is imported, when a --workers address takes no
+    TCP connection (no service there, wrong host or port)."""
+    from tff_pipeline.config import ConfigError
+
+    for w in workers:
+        host, _, port = w.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise ConfigError(f"--workers: no TFF worker answered at {w} ({e.strerror or e}); start one there "
+                              f"(README, 'Remote workers') or fix the address") from None
+
+
 _installed: Optional[tuple[str, ...]] = None
 
 

@@ -381,7 +381,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         per_client = None
     from tff_pipeline import runtime
 
-    num_workers = runtime.install_context(cfg.worker_addresses)  # an unreachable --workers fails here, early
+    runtime.check_reachable(cfg.worker_addresses)  # an unreachable --workers fails here, before anything changes
     remove_entries(out, stale)  # --overwrite: only now that the data and privacy settings have passed their checks
     ledger = checkpoint.Ledger(out)
     ckpt = checkpoint.latest(out) if previous else None
@@ -412,6 +412,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
 
     from tff_pipeline import cohort, dp_fedavg
 
+    num_workers = runtime.install_context(cfg.worker_addresses)
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
     if unit == "example":
         from tff_pipeline import dp_sgd
