@@ -66,16 +66,11 @@ def test_cohort_round_equals_tff_per_client_round_without_noise(small):
     build_unweighted_fed_avg + gaussian_adaptive and of ours (the cohort split
     into 1 and into 3 shards) give the same weights, adaptive clip and loss.
     Cohorts include clients without data."""
-    import tensorflow_federated as tff
-
     from tff_pipeline import cohort, dp_fedavg
 
     task, cfg = small
     pcfg = _pcfg(cfg, task)
-    stock = tff.learning.algorithms.build_unweighted_fed_avg(
-        dp_fedavg.model_fn_for(task),
-        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),
-        server_optimizer_fn=dp_fedavg.server_optimizer(cfg), model_aggregator=dp_fedavg.build_aggregator(cfg, pcfg))
+    stock = dp_fedavg.build_per_client_process(task, cfg, pcfg, guard=False)  # TFF's own round, nothing of ours
     ours = cohort.build_process(task, cfg, pcfg)
     s_stock = stock.initialize()
     states = {n: ours.set_model_weights(ours.initialize(), stock.get_model_weights(s_stock)) for n in (1, 3)}

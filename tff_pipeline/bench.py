@@ -199,8 +199,6 @@ VARIANTS = ("pipeline", "per_client", "tff_stock", "central")
 def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print,
             workers=()) -> dict:
     """Median seconds per round (after one warm-up round) of each variant."""
-    import tensorflow_federated as tff
-
     from tff_pipeline import cohort, dp_fedavg, runtime, train
 
     num_workers = runtime.install_context(workers)
@@ -218,14 +216,8 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
         else:
             if variant == "pipeline":
                 process = cohort.build_process(w.task, w.cfg, pcfg)
-            elif variant == "per_client":
-                process = dp_fedavg.build_per_client_process(w.task, w.cfg, pcfg)
             else:
-                process = tff.learning.algorithms.build_unweighted_fed_avg(
-                    dp_fedavg.model_fn_for(w.task),
-                    client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=w.cfg.client_learning_rate),
-                    server_optimizer_fn=dp_fedavg.server_optimizer(w.cfg),
-                    model_aggregator=dp_fedavg.build_aggregator(w.cfg, pcfg))
+                process = dp_fedavg.build_per_client_process(w.task, w.cfg, pcfg, guard=variant == "per_client")
             steps[variant] = _process_round(process, variant == "pipeline", num_workers)
         build_s[variant] = time.monotonic() - t0
     times = {v: [] for v in variants}

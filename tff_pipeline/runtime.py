@@ -115,14 +115,11 @@ def _executor_factory(target: str, ready_timeout: float = 20.0):
     from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
     from tensorflow_federated.python.core.impl.types import placements
 
-    from tff_pipeline.config import ConfigError
-
     stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(target, _GRPC_OPTIONS))
     deadline = time.monotonic() + ready_timeout
     while not stub.is_ready:
         if time.monotonic() > deadline:
-            raise ConfigError(f"--workers: no TFF worker answered at {target} within {ready_timeout:.0f} s; start "
-                              f"one there (README, 'Remote workers') or fix the address")
+            raise _no_worker(target, f"within {ready_timeout:.0f} s")
         time.sleep(0.05)
 
     def stack_fn(cardinalities):
@@ -138,15 +135,19 @@ def _executor_factory(target: str, ready_timeout: float = 20.0):
 def check_reachable(workers: Sequence[str], timeout: float = 5.0) -> None:
     """Fails fast, before TFF is imported, when a --workers address takes no
     TCP connection (no service there, wrong host or port)."""
-    from tff_pipeline.config import ConfigError
-
     for w in workers:
         host, _, port = w.rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=timeout).close()
         except OSError as e:
-            raise ConfigError(f"--workers: no TFF worker answered at {w} ({e.strerror or e}); start one there "
-                              f"(README, 'Remote workers') or fix the address") from None
+            raise _no_worker(w, f"({e.strerror or e})") from None
+
+
+def _no_worker(address: str, why: str):
+    from tff_pipeline.config import ConfigError
+
+    return ConfigError(f"--workers: no TFF worker answered at {address} {why}; start one there "
+                       f"(README, 'Remote workers') or fix the address")
 
 
 _installed: Optional[tuple[str, ...]] = None
