@@ -1,5 +1,5 @@
 """Attack a finished run's model: client-level membership inference and, if
-the run inserted canaries, secret-sharer exposure. Writes audit.json and adds
+the run inserted canaries, secret-sharer exposure. Writes operator/audit.json and adds
 the results to the run's privacy report.
 
   python scripts/audit.py --run_dir=runs/keyboard-...

@@ -9,6 +9,15 @@ REGISTRY = {
 }
 
 
+# Private by default: the target ε a task trains to when neither --noise_multiplier nor --target_epsilon is
+# given (each task's docstring says the same). No DP only with an explicit --noise_multiplier=0.
+DEFAULT_TARGET_EPSILON = {
+    "keyboard": 3.0,
+    "medical": 10.0,
+    "traffic": 10.0,
+}
+
+
 def check_name(name: str) -> None:
     from tff_pipeline.config import ConfigError
 

@@ -11,6 +11,10 @@ Splits:
     never trained on: federated evaluation on unseen users.
   * Each training client's last 20% of speeches are held out (seen users,
     future text).
+
+Private by default: without --noise_multiplier or --target_epsilon, a run
+trains to ε = 3 (δ = --delta) at the client (user) level
+(``tasks.DEFAULT_TARGET_EPSILON``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ numeric feature, a "missing" category per categorical one) rather than a
 dropped row. Zero resting blood pressure or cholesterol is recorded as
 missing (physiologically impossible; Switzerland codes missing cholesterol
 as 0).
+
+Private by default: without --noise_multiplier or --target_epsilon, a run
+trains to ε = 10 (δ = --delta) at the record level, for the hospital with the
+fewest records (``tasks.DEFAULT_TARGET_EPSILON``). The unit is one record (one
+visit): it is one patient only when each patient has one record.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ def build(cfg) -> Task:
                  "preprocessing": "fixed clinical reference scaling and the public UCI schema; missing flags",
                  "baselines_reference": {"majority_accuracy": 0.554, "pooled_logistic_regression_accuracy": 0.788,
                                          "pooled_logistic_regression_auc": 0.884, "flamby_fedavg_accuracy": 0.748}},
-        privacy_unit="one patient record",
+        privacy_unit="a hospital visit; a patient only if each patient has a single record",
         default_privacy_unit="example",
         headline_metric="test_accuracy",
         example_counts=tuple(len(c["train"][1]) for c in clients),

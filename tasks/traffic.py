@@ -16,6 +16,10 @@ future leaks into training. Each window is normalised by the mean and spread
 of its own history (the model sees no statistic from outside the window:
 nothing crosses clients, nothing comes from the future); forecasts are mapped
 back to original units with the same numbers.
+
+Private by default: without --noise_multiplier or --target_epsilon, a run
+trains to ε = 10 (δ = --delta) at the client (sensor) level
+(``tasks.DEFAULT_TARGET_EPSILON``).
 """
 
 from __future__ import annotations

@@ -43,11 +43,12 @@ def run_script(script, *args, timeout=600, env=None):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One DP run of the keyboard task as make run does it, but small: public
-    pre-training, frozen embeddings, 3 DP rounds with Poisson sampling."""
+    pre-training, frozen embeddings, 3 DP rounds with Poisson sampling. No
+    noise flag: private by default, at the task's default target ε."""
     out = str(tmp_path_factory.mktemp("run") / "kb")
     t = time.monotonic()
     p = run_script("train.py", "--task=keyboard", f"--output_dir={out}", "--rounds=3", "--clients_per_round=8",
-                   "--noise_multiplier=0.5", "--delta=1e-5", "--eval_every=2", "--seed=1", "--public_pretrain_epochs=1",
+                   "--delta=1e-5", "--eval_every=2", "--seed=1", "--public_pretrain_epochs=1",
                    "--freeze_layers=token_embedding,logits", *SMALL)
     assert p.returncode == 0, p.stderr[-3000:]
     return {"dir": out, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.monotonic() - t}

@@ -117,3 +117,72 @@ def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
     assert before.size > 500
     assert np.std(after - before) == pytest.approx(expected, rel=0.08)
     assert abs(np.mean(after - before)) < 4 * expected / np.sqrt(before.size)
+
+
+def test_an_update_whose_norm_overflows_is_zeroed():
+    import tensorflow as tf
+
+    from tff_pipeline import dp_fedavg
+
+    big = [tf.constant([3e19, 3e19], tf.float32)]
+    assert np.isfinite(big[0].numpy()).all() and not np.isfinite(tf.linalg.global_norm(big).numpy())
+    assert not bool(dp_fedavg.is_usable_update(big)) and bool(dp_fedavg.is_usable_update([tf.constant([3e9, 1.0])]))
+    # Without the guard, clipping such an update gives NaN: that is what would reach the model.
+    clipped, _ = tf.clip_by_global_norm(big, 1.0)
+    assert np.isnan(clipped[0].numpy()).all()
+
+
+def test_clients_with_overflowing_updates_leave_the_model_finite(small):
+    """Clients with one batch each and a client learning rate of 1e25: one
+    SGD step gives a delta with finite entries whose L2 norm overflows
+    float32 (checked below with plain Keras). Such updates are zeroed and
+    counted; the model stays finite (noise off: unchanged)."""
+    import tensorflow as tf
+
+    from tff_pipeline import bench, cohort
+
+    small_task, cfg = small
+    task = bench._synthetic_task("one_batch", small_task.build_model, small_task.loss, _make_client, 30, 64)
+    cfg = dataclasses.replace(cfg, client_learning_rate=1e25)
+    process = cohort.build_process(task, cfg, _pcfg(cfg, task))
+    state = process.initialize()
+    before = process.get_model_weights(state).trainable
+    ids = [1, 2, 4, 5]  # all with data, one batch each
+    # The precondition, computed apart: every client's delta is finite entry by entry, its norm is not.
+    model = task.build_model()
+    for v, w in zip(model.trainable_variables, before):
+        v.assign(w)
+    for i in ids:
+        (x, y), = list(task.client_dataset(i, 1))
+        with tf.GradientTape() as tape:
+            loss = task.loss()(y, model(x, training=True))
+        delta = [1e25 * g for g in tape.gradient(loss, model.trainable_variables)]
+        assert all(np.isfinite(d.numpy()).all() for d in delta) and not np.isfinite(tf.linalg.global_norm(delta))
+    out = process.next(state, cohort.shard_datasets([task.client_dataset(i, 1) for i in ids], 2))
+    after = process.get_model_weights(out.state).trainable
+    for a, b in zip(after, before):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b)
+    assert out.metrics["aggregator"]["non_finite_updates_zeroed"] == len(ids)
+
+
+def test_an_empty_cohort_is_a_noise_only_round(small):
+    """Poisson sampling can draw nobody. The round still runs: no update,
+    the noise at the same scale as any round, and the clip update."""
+    from tff_pipeline import cohort
+
+    task, cfg = small
+    cfg = dataclasses.replace(cfg, noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
+    process = cohort.build_process(task, cfg, _pcfg(cfg, task))
+    state = process.initialize()
+    before = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
+    out = process.next(state, cohort.empty_shards(task.element_spec))
+    after = np.concatenate([np.ravel(w) for w in process.get_model_weights(out.state).trainable])
+    assert out.metrics["client_work"]["clients"] == 0
+    expected = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5 * cfg.initial_clip / 8
+    assert np.std(after - before) == pytest.approx(expected, rel=0.08)
+    # The same state and the same (empty) input again: a different draw. The noise comes from OS-seeded random
+    # ops, not from --seed or anything else the outputs contain.
+    again = np.concatenate([np.ravel(w) for w in process.get_model_weights(
+        process.next(state, cohort.empty_shards(task.element_spec)).state).trainable])
+    assert np.abs(again - after).max() > expected

@@ -79,7 +79,7 @@ def test_sigkill_mid_run_then_resume_counts_every_released_round(tmp_path):
     p = run_script("train.py", *args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming" in p.stdout and "from the checkpoint of round 3" in p.stdout
-    s = load_json(os.path.join(out, "summary.json"))
+    s = load_json(os.path.join(out, "operator", "summary.json"))
     r = load_json(os.path.join(out, "privacy_report.json"))
     ledger = _ledger(out)
     # The model has exactly the planned rounds; the rounds lost in the kill (4..released) ran twice and count twice.
@@ -91,7 +91,7 @@ def test_sigkill_mid_run_then_resume_counts_every_released_round(tmp_path):
     assert r["epsilon"] == pytest.approx(eps_final, rel=1e-9)
     assert r["epsilon"] > privacy.epsilon(_pcfg(out), 8)[0] and r["epsilon"] > eps_at_kill
     assert "run again" in r["statement"]
-    m = pd.read_csv(os.path.join(out, "metrics.csv"))
+    m = pd.read_csv(os.path.join(out, "operator", "metrics.csv"))
     assert list(m["round"]) == list(range(1, 9))  # the lost rows were replaced, not duplicated
     print(f"kill-and-resume: ε at kill ({released} results) {eps_at_kill:.4f}; final ({len(ledger)} results for "
           f"8 rounds) {r['epsilon']:.4f}; an uninterrupted 8-round run: {privacy.epsilon(_pcfg(out), 8)[0]:.4f}")
@@ -114,7 +114,7 @@ def test_sigterm_stops_after_the_round_checkpoints_reports_and_a_second_process_
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 130, rest[-3000:]
-    s = load_json(os.path.join(out, "summary.json"))
+    s = load_json(os.path.join(out, "operator", "summary.json"))
     r = load_json(os.path.join(out, "privacy_report.json"))
     done = s["rounds_run"]
     assert 2 <= done < 200 and s["interrupted"] and r["stop_reason"].startswith("interrupted by SIGTERM")
@@ -177,7 +177,7 @@ def test_a_bad_client_with_non_finite_updates_does_not_poison_the_model(tmp_path
     args[1] = f"--traffic_data={_csv(tmp_path / 'bad.csv', bad_sensor=True)}"
     p = run_script("train.py", *args)
     assert p.returncode == 0, p.stderr[-3000:]
-    m = pd.read_csv(os.path.join(out, "metrics.csv"))
+    m = pd.read_csv(os.path.join(out, "operator", "metrics.csv"))
     assert (m["train_non_finite_updates_zeroed"] == 1).all()  # sensor b, every round
     assert np.isfinite(m["eval_test_h1_mae"]).all() and np.isfinite(m["eval_a_h1_mae"]).all()
     import h5py

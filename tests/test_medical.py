@@ -59,7 +59,8 @@ def test_encoding_is_per_record_and_marks_missing(medical):
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("med") / "run")
-    p = run_script("train.py", f"--output_dir={out}", "--rounds=3", "--noise_multiplier=1.2", "--eval_every=3", *MED)
+    # No noise flag: the medical task's default target ε = 10 (private by default).
+    p = run_script("train.py", f"--output_dir={out}", "--rounds=3", "--eval_every=3", *MED)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p
 
@@ -67,21 +68,28 @@ def dp_run(tmp_path_factory):
 def test_example_level_report_matches_dp_accounting(dp_run):
     out, p = dp_run
     r = load_json(os.path.join(out, "privacy_report.json"))
-    assert r["unit_of_privacy"] == "example (record level)" and r["example_is"] == "one patient record"
+    assert r["unit_of_privacy"] == "example (record level)" and r["example_is"].startswith("a hospital visit; a patient only if")
     per = r["per_client"]
     assert {k: v["examples"] for k, v in per.items()} == {"Cleveland": 228, "Hungary": 220, "Switzerland": 92,
                                                            "VA Long Beach": 150}
 
+    z = r["noise_multiplier"]
+    assert r["noise_calibration"]["task_default"] and r["noise_calibration"]["target_epsilon"] == 10
+    assert p.stdout.splitlines()[0] == ("privacy: aiming at ε = 10 (δ = 1e-05) over 3 rounds (the medical task's "
+                                        "default; set --target_epsilon or --noise_multiplier to choose, "
+                                        "--noise_multiplier=0 for no DP)")
+
     def eps(n):
         ev = dp_accounting.SelfComposedDpEvent(dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(16 / n, dp_accounting.GaussianDpEvent(1.2)), 3), 3)
+            dp_accounting.PoissonSampledDpEvent(16 / n, dp_accounting.GaussianDpEvent(z)), 3), 3)
         return rdp.RdpAccountant().compose(ev).get_epsilon(1e-5)
 
     for v in per.values():
         assert v["epsilon"] == pytest.approx(eps(v["examples"]), rel=1e-9)
     assert r["epsilon"] == pytest.approx(eps(92), rel=1e-9) == max(v["epsilon"] for v in per.values())
+    assert r["epsilon"] <= 10 and eps(92) > 9.99
     assert "at the example level" in r["statement"] and "3 steps per round" in r["statement"]
-    assert "Switzerland_accuracy" in load_json(os.path.join(out, "summary.json"))["eval"]
+    assert "Switzerland_accuracy" in load_json(os.path.join(out, "operator", "summary.json"))["eval"]
 
 
 SERVE = """
@@ -122,3 +130,12 @@ def test_client_level_on_four_hospitals_says_what_it_means(tmp_path):
     r = load_json(os.path.join(tmp_path / "c", "privacy_report.json"))
     assert r["unit_of_privacy"] == "client (user level)" and r["sampling"]["population"] == 4
     assert r["small_population_warning"].startswith("Only 4 clients") and "--privacy_unit=example" in r["statement"]
+    # Fixed-size cohorts of all 4: replace-one, no sampling. A client moves the clipped sum by 2C and its
+    # clipped-count bit by 1, so the Gaussian's multiplier relative to the sensitivity is z/2 = 0.15 and one round
+    # has RDP(α) = α/(2·0.15²); converted to (ε, δ) over a fine grid of α (test_privacy._rdp_to_dp).
+    from test_privacy import _rdp_to_dp
+
+    golden = _rdp_to_dp(lambda a: a / (2 * 0.15**2), 1e-5)
+    assert r["event_noise_multiplier"] == pytest.approx(0.15) and r["neighbouring_relation"] == "replace one client"
+    assert golden <= r["epsilon"] + 1e-9 and r["epsilon"] == pytest.approx(golden, rel=0.01)
+    assert r["zcdp_rho"] == pytest.approx(1 / (2 * 0.15**2))

@@ -39,11 +39,15 @@ def test_fixed_size_sampling_is_accounted_without_replacement():
     assert privacy.epsilon(cfg, 100)[0] == pytest.approx(acc.get_epsilon(1e-5))
     # Replace-one is a stronger relation than add/remove: ε is larger than Poisson's.
     assert privacy.epsilon(cfg, 100)[0] > privacy.epsilon(PrivacyConfig(1000, 20, 1.0, 1e-5), 100)[0]
+    # The plan and the report carry the same event.
+    r = report.build(cfg, rounds_run=100, rounds_planned=100, unit="u", stop_reason="x")
+    assert r["event_noise_multiplier"] == 0.5 and "z/2 = 0.5" in r["statement"]
 
 
 def test_sampler_agrees_with_the_event():
     cfg = PrivacyConfig(500, 25, 1.0, 1e-5)
-    s = cfg.sampler(seed=3)
+    s = cfg.sampler()  # secret (the default)
+    assert s.secret
     sizes = [len(s.sample(r)) for r in range(1, 401)]
     # Poisson: cohort sizes vary, mean q*N = 25, variance N q (1-q).
     assert len(set(sizes)) > 5
@@ -51,11 +55,95 @@ def test_sampler_agrees_with_the_event():
     assert np.var(sizes) == pytest.approx(500 * 0.05 * 0.95, rel=0.25)
     counts = np.bincount(np.concatenate([s.sample(r) for r in range(1, 401)]), minlength=500)
     assert counts.mean() == pytest.approx(400 * 0.05, rel=0.05)  # every client with probability q
-    np.testing.assert_array_equal(s.sample(7), cfg.sampler(seed=3).sample(7))  # depends on (seed, round) only
-    fixed = PrivacyConfig(500, 25, 1.0, 1e-5, sampling="fixed").sampler(seed=3)
+    fixed = PrivacyConfig(500, 25, 1.0, 1e-5, sampling="fixed").sampler()
     for r in range(1, 20):
         ids = fixed.sample(r)
         assert len(ids) == 25 and len(set(ids.tolist())) == 25
+
+
+def test_sampling_is_secret_by_default_and_public_only_when_asked():
+    cfg = PrivacyConfig(500, 25, 1.0, 1e-5, sampling="fixed")
+    # Secret: the same round drawn twice (or by two samplers) differs; nothing about it can be rebuilt.
+    a, b = cfg.sampler(), cfg.sampler()
+    assert not np.array_equal(a.sample(7), b.sample(7)) and not np.array_equal(a.sample(7), a.sample(7))
+    # Opt-in research mode: reproducible from the seed, and it says it is not secret.
+    pub = cfg.sampler(public_seed=3)
+    assert not pub.secret
+    np.testing.assert_array_equal(pub.sample(7), cfg.sampler(public_seed=3).sample(7))
+    assert not np.array_equal(pub.sample(7), pub.sample(7, attempt=1))  # a re-run round draws afresh
+
+
+# --- Fixed-size sampling from first principles ---------------------------------------------------------------
+# Under replace-one (fixed-size cohorts), swapping one client for another moves the sum of clipped updates by up
+# to 2C (‖u - u'‖ ≤ ‖u‖ + ‖u'‖ ≤ 2C) and the centred clipped-count bit (±1/2) by 1. The Gaussian noise has std
+# z_u·C on the sum and σ_b on the count; relative to those sensitivities the multipliers are z_u/2 and σ_b, and
+# combined (Andrew et al. 2021, Thm 1) 1/σ² = 4/z_u² + 1/σ_b² = 4(1/z_u² + 1/(2σ_b)²) = 4/z², i.e. σ = z/2.
+# With every client in every round (m = N) there is no sampling: T rounds compose to RDP(α) = α·T/(2σ²).
+
+
+def _rdp_to_dp(rdp_of_alpha, delta):
+    """min over a fine grid of α of the conversion of Canonne, Kamath, Steinke 2020 (Prop. 12 of 2004.00010),
+    written out here, not taken from dp_accounting."""
+    best = math.inf
+    for a in np.concatenate([np.linspace(1.02, 20, 20000), np.linspace(20, 2000, 20000)]):
+        best = min(best, rdp_of_alpha(a) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1))
+    return best
+
+
+@pytest.mark.parametrize("z,rounds", [(2.9007, 30), (0.8, 30), (5.0, 100)])
+def test_fixed_size_without_sampling_golden_from_first_principles(z, rounds):
+    from scipy.stats import norm
+
+    cfg = PrivacyConfig(21, 21, z, 1e-5, sampling="fixed", clipped_count_stddev=100.0)
+    sigma = z / 2
+    golden = _rdp_to_dp(lambda a: a * rounds / (2 * sigma**2), 1e-5)
+    eps = privacy.epsilon(cfg, rounds)[0]
+    # dp_accounting evaluates a finite set of orders: at or a little above the continuous minimum.
+    assert golden <= eps + 1e-9 and eps == pytest.approx(golden, rel=0.01)
+    # And it is an upper bound on the exact ε of the composed Gaussian (μ-GDP with μ = √T/σ; Dong et al. 2019).
+    mu = math.sqrt(rounds) / sigma
+    exact_delta = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+    assert exact_delta <= 1e-5
+    # zCDP: ρ = T/(2σ²).
+    assert privacy.zcdp_rho(cfg, rounds) == pytest.approx(rounds / (2 * sigma**2))
+    if (z, rounds) == (2.9007, 30):  # the review's case: 10.0 was reported, 24.0 is right
+        assert eps == pytest.approx(24.0, abs=0.1)
+
+
+def test_fixed_size_subsampled_uses_half_the_multiplier_under_replace_one():
+    cfg = PrivacyConfig(1139, 20, 0.8, 1e-5, sampling="fixed")
+    ev = privacy.round_event(cfg)
+    assert isinstance(ev, dp_accounting.SampledWithoutReplacementDpEvent)
+    assert (ev.source_dataset_size, ev.sample_size, ev.event.noise_multiplier) == (1139, 20, 0.4)
+    by_hand = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE).compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+            1139, 20, dp_accounting.GaussianDpEvent(0.8 / 2)), 30)).get_epsilon(1e-5)
+    eps = privacy.epsilon(cfg, 30)[0]
+    assert eps == pytest.approx(by_hand, rel=1e-12)
+    assert eps == pytest.approx(18.44, abs=0.01)  # keyboard, --sampling=fixed, z = 0.8, 30 rounds (2.78 before)
+    # Sampling can only help: below the same rounds without sampling (m = N).
+    no_sampling = _rdp_to_dp(lambda a: a * 30 / (2 * 0.4**2), 1e-5)
+    assert eps < no_sampling
+    # Calibration inherits it: the z found for a target gives at most that target, and about twice Poisson's z.
+    z = privacy.calibrate_noise_multiplier(8.0, 30, 1139, 20, 1e-5, "fixed", 10.0)
+    assert privacy.epsilon(PrivacyConfig(1139, 20, z, 1e-5, "fixed", 10.0), 30)[0] <= 8.0
+    assert privacy.epsilon(PrivacyConfig(1139, 20, z - 1e-3, 1e-5, "fixed", 10.0), 30)[0] > 8.0
+
+
+def test_known_sampling_epsilon_composes_plain_gaussians():
+    cfg = PrivacyConfig(1139, 20, 0.8, 1e-5)
+    golden = _rdp_to_dp(lambda a: a * 4 / (2 * 0.8**2), 1e-5)  # a client in 4 rounds, no amplification
+    assert privacy.known_sampling_epsilon(cfg, 4) == pytest.approx(golden, rel=0.01)
+    assert privacy.known_sampling_epsilon(cfg, 4) > privacy.epsilon(cfg, 30)[0]
+
+
+def test_calibrated_noise_is_rounded_up():
+    for target, rounds, n, m, sb in ((10, 30, 21, 21, 3.0), (1.0, 30, 1139, 20, None), (3.0, 100, 1139, 20, None)):
+        z = privacy.calibrate_noise_multiplier(target, rounds, n, m, 1e-5, clipped_count_stddev=sb)
+        assert z == round(z, 4)  # what is printed at 4 decimals is what is used
+        assert privacy.epsilon(PrivacyConfig(n, m, z, 1e-5, clipped_count_stddev=sb), rounds)[0] <= target
+        assert privacy.epsilon(PrivacyConfig(n, m, z - 1e-4, 1e-5, clipped_count_stddev=sb), rounds)[0] > target
+    assert privacy.round_up(2.90071) == 2.9008 and privacy.round_up(2.9007) == 2.9007
 
 
 def test_calibration_hits_target():

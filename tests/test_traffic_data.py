@@ -92,9 +92,12 @@ def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
                    "--history=24", "--horizon=3", "--rounds=2", "--clients_per_round=3", "--noise_multiplier=0",
                    "--model_dim=16", "--heads=2", "--ff_dim=32", "--max_client_examples=16", "--batch_size=8")
     assert p.returncode == 0, p.stderr[-3000:]
-    s = load_json(out / "summary.json")
+    # No DP only when asked for, and said at the start as well as in the report.
+    assert p.stdout.startswith("privacy: NONE. --noise_multiplier=0 trains WITHOUT differential privacy")
+    assert load_json(out / "privacy_report.json")["statement"].startswith("No differential privacy")
+    s = load_json(out / "operator" / "summary.json")
     assert set(s["eval"]) >= {"test_h1_mae", "test_h3_rmse", "a_h1_wape"}
-    rows = (out / "heldout_by_client.csv").read_text().splitlines()
+    rows = (out / "operator" / "heldout_by_client.csv").read_text().splitlines()
     assert rows[0].split(",")[:2] == ["client", "h1_mae"] and [r.split(",")[0] for r in rows[1:]] == ["a", "b", "c"]
     assert float(rows[1].split(",")[1]) == pytest.approx(s["eval"]["a_h1_mae"], rel=1e-5)
     assert set(s["baselines"]["baselines_this_split"]) >= {"persistence_h1_mae", "pooled_ridge_h3_wape"}

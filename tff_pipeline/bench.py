@@ -203,7 +203,7 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
 
     num_workers = runtime.install_context(workers)
     pcfg, _ = train.resolve_privacy(w.cfg, w.task.population)
-    sampler = pcfg.sampler(w.cfg.seed)
+    sampler = pcfg.sampler(public_seed=w.cfg.seed)  # timing only: every variant replays the same cohorts
     cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
            "population": w.task.population, "workers": list(workers) or ["local"],

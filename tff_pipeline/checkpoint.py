@@ -3,11 +3,16 @@ atomic checkpoints of the full training state.
 
 * ``RunLock``: one process per run directory (``fcntl.flock`` on
   ``.lock``; the kernel drops it when the process dies, even by SIGKILL).
-* ``Ledger``: ``ledger.jsonl``, one line per round result, appended and
-  fsync'ed the moment the round's result exists, before anything of it is
-  shown or saved. The accountant composes one round event per line, so a
-  round that ran, was shown and was then lost in a crash is still counted
-  when it is run again: ε never counts fewer rounds than were released.
+* ``Ledger``: ``ledger.jsonl``, one line per round result (round, attempt
+  and the round's serialised DpEvent), appended and fsync'ed the moment the
+  round's result exists, before anything of it is shown or saved. The
+  accountant composes one round event per line, so a round that ran, was
+  shown and was then lost in a crash is still counted when it is run again:
+  ε never counts fewer rounds than were released. It holds nothing computed
+  from the data.
+* ``Participation``: ``operator/participation.jsonl``, which clients took
+  part in each round and attempt: operator-only (with secret sampling it is
+  the secret that amplification relies on); the audit reads it.
 * Checkpoints: ``checkpoints/ckpt-NNNNNN/`` holds ``state.npz`` (every leaf of
   the TFF learning-process state: model and optimizer, and the aggregator
   state with the adaptive clip) and ``meta.json`` (round, ledger length,
@@ -100,22 +105,65 @@ class Ledger:
         """How many results of this round were recorded before."""
         return self._per_round[round_num]
 
-    def append(self, round_num: int, cohort: int) -> None:
-        entry = {"round": round_num, "attempt": self.attempts(round_num), "cohort": cohort}
-        line = json.dumps(entry) + "\n"
+    def append(self, round_num: int, event: dict) -> None:
+        """Records one released round result and its DpEvent (``privacy.event_to_json``)."""
+        entry = {"round": round_num, "attempt": self.attempts(round_num), "event": event}
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_line(self.path, json.dumps(entry))
         except OSError as e:
             raise CheckpointError(f"cannot record round {round_num} in the privacy ledger {self.path} "
                                   f"({e.strerror}); its result was not shown or saved. Free space (or fix "
                                   f"permissions) and re-run the same command to resume") from None
         self.entries.append(entry)
         self._per_round[round_num] += 1
+
+
+def append_line(path: str, line: str, mode: int = 0o644) -> None:
+    """Appends one line and fsyncs it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Participation:
+    """Operator-only record of the cohorts: one line per round result."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def append(self, round_num: int, attempt: int, clients) -> None:
+        try:
+            append_line(self.path, json.dumps({"round": round_num, "attempt": attempt,
+                                               "clients": [int(c) for c in clients]}), mode=0o600)
+        except OSError as e:
+            raise CheckpointError(f"cannot record the cohort of round {round_num} in {self.path} ({e.strerror}); "
+                                  f"the round is in the privacy ledger. Free space and re-run the same command "
+                                  f"to resume") from None
+
+    def rows(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a torn last line: that round's cohort is unknown
+        return out
+
+    def clients(self) -> np.ndarray:
+        """Every client that took part in at least one round result, re-run attempts included."""
+        ids = [c for r in self.rows() for c in r["clients"]]
+        return np.unique(np.asarray(ids, dtype=np.int64))
+
+    def max_per_client(self) -> int:
+        """The most round results any one client took part in."""
+        counts = collections.Counter(c for r in self.rows() for c in r["clients"])
+        return max(counts.values(), default=0)
 
 
 def checkpoint_dir(run_dir: str) -> str:

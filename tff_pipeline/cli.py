@@ -24,7 +24,8 @@ HELP = {
     "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",
     "sampling": "Client sampling: poisson (q = clients_per_round/population) or fixed (without replacement).",
     "noise_multiplier": "Total Gaussian noise multiplier z (McMahan et al. 2018; includes the adaptive-clipping "
-                        "share, Andrew et al. 2021). 0 = no DP. Default 0 unless --target_epsilon is given.",
+                        "share, Andrew et al. 2021). 0 = no DP (only when asked for). Unset with no "
+                        "--target_epsilon: the task's default target ε (keyboard 3, medical 10, traffic 10).",
     "target_epsilon": "Calibrate z with dp_accounting so that ε <= this after --rounds rounds at --delta.",
     "max_epsilon": "Budget guard: before each round, stop if running it would bring ε above this "
                    "(the model and report are still written, and say why training stopped).",
@@ -56,7 +57,11 @@ HELP = {
                 "for --audit. 0 = none. They change the training data: use only for audit runs.",
     "canary_clients": "Clients that hold each canary.",
     "canary_repeats": "Copies of the canary in each of those clients' training data.",
-    "seed": "Seed for data splits and client sampling.",
+    "seed": "Seed for data splits, model initialisation and local batching. Client sampling and DP noise use "
+            "secret OS randomness, never written anywhere.",
+    "public_sampling_seed": "Research only: draw client cohorts from this seed (reproducible). The cohorts are then "
+                            "NOT secret: against anyone who knows the seed, amplification by sampling does not hold; "
+                            "the report says so and gives ε without it. Unset (default): secret sampling.",
     "eval_every": "Evaluate on held-out data every N rounds.",
     "checkpoint_every": "Checkpoint the full training state every N rounds (also at the end and on a stop).",
     "keep_checkpoints": "Keep the newest N checkpoints.",

@@ -9,8 +9,8 @@ https://arxiv.org/abs/1905.03871), run so that TFF's per-client cost goes:
   is one CLIENTS-placed dataset of ``(client slot, batch)`` elements.
 * In one TF computation per shard, each client in turn starts from the
   broadcast model, trains locally (SGD, one pass over its own batches, as
-  TFF's model-delta client work), and its delta is zeroed if non-finite,
-  then clipped with the DP query's ``preprocess_record``. That is per-client
+  TFF's model-delta client work), and its delta is zeroed if it or its norm
+  is not finite, then clipped with the DP query's ``preprocess_record``. That is per-client
   clipping at the adaptive norm, plus the client's unclipped indicator. The
   shard returns the sum of its clients' records.
 * TFF sums the shards (``federated_sum``). The server draws the noise once on
@@ -67,6 +67,17 @@ def shard_datasets(datasets, num_shards: int):
         shards.append(tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(slots), batches)))
         start = stop
     return shards
+
+
+def empty_shards(element_spec):
+    """The shards of an empty cohort: one shard with no batches. The round
+    still runs: the sum of no records is zero, the server adds the noise and
+    updates the clip, and the round is counted like any other."""
+    import tensorflow as tf
+
+    slots = tf.data.Dataset.from_tensor_slices(np.zeros([0], np.int32))
+    batches = tf.data.Dataset.from_tensors(_empty_batch(element_spec)).take(0)
+    return [tf.data.Dataset.zip((slots, batches))]
 
 
 def _num_batches(ds) -> int:
@@ -153,7 +164,7 @@ def build_process(task, cfg: TrainConfig, pcfg: PrivacyConfig):
 
             def finish_client():
                 delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in delta])
+                finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
                 all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
                 delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
                 zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))

@@ -45,7 +45,11 @@ class TrainConfig:
     batch_size: int = 16
     local_epochs: int = 1
     max_client_examples: int = 64
+    # --seed sets data splits, model initialisation and local batching. Client sampling and DP noise draw from
+    # secret OS randomness unless --public_sampling_seed is given (research only: cohorts reproducible, NOT
+    # secret, so amplification by sampling does not hold against anyone who knows the seed).
     seed: int = 0
+    public_sampling_seed: Optional[int] = None
     public_pretrain_epochs: int = 0
     freeze_layers: str = ""
     # Empirical audit (tff_pipeline.audit): membership inference, canaries.
@@ -99,6 +103,8 @@ class TrainConfig:
             need(self.noise_multiplier != 0,
                  f"--max_epsilon={self.max_epsilon} needs differential privacy, but --noise_multiplier=0 makes ε "
                  f"infinite; set --noise_multiplier > 0 or --target_epsilon")
+        need(self.public_sampling_seed is None or self.public_sampling_seed >= 0,
+             f"--public_sampling_seed={self.public_sampling_seed} must be >= 0 (leave it unset for secret sampling)")
         need(self.sampling in ("poisson", "fixed"), f"--sampling={self.sampling!r} must be poisson or fixed")
         need(self.privacy_unit in ("auto", "client", "example"),
              f"--privacy_unit={self.privacy_unit!r} must be auto, client or example")
@@ -145,6 +151,12 @@ class TrainConfig:
     @property
     def noise_is_calibrated(self) -> bool:
         return self.target_epsilon is not None
+
+    def with_privacy_default(self, default_target_epsilon: float) -> "TrainConfig":
+        """Private by default: with neither --noise_multiplier nor --target_epsilon, the task's default target ε."""
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            return dataclasses.replace(self, target_epsilon=default_target_epsilon)
+        return self
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -97,9 +97,20 @@ def build_per_client_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig, 
     )
 
 
+def is_usable_update(leaves):
+    """True when every entry of the update and its L2 norm are finite. A
+    finite update can still have a norm that overflows float32 (e.g. [3e19,
+    3e19]); clipping it would give NaN, so it counts as unusable and is
+    zeroed, a function of that client alone (the sensitivity is unchanged)."""
+    import tensorflow as tf
+
+    return tf.logical_and(tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in leaves]),
+                          tf.math.is_finite(tf.linalg.global_norm(leaves)))
+
+
 def zero_non_finite(inner):
     """Wraps an unweighted aggregation factory so that a client update with
-    any NaN or Inf is replaced by zeros on the client, before clipping and
+    any NaN or Inf, or whose L2 norm overflows, is replaced by zeros on the client, before clipping and
     noise. A bad client then contributes nothing instead of poisoning the
     global model. (TFF's model-delta client work already zeroes a
     non-finite delta; this guard holds for any client work.)
@@ -123,7 +134,7 @@ def zero_non_finite(inner):
             @tff.tensorflow.computation(value_type)
             def zero_if_non_finite(value):
                 leaves = tf.nest.flatten(value)
-                finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in leaves])
+                finite = is_usable_update(leaves)
                 all_zero = tf.reduce_all([tf.reduce_all(tf.equal(x, 0)) for x in leaves])
                 zeroed = tf.nest.map_structure(lambda x: tf.where(finite, x, tf.zeros_like(x)), value)
                 return zeroed, tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32)

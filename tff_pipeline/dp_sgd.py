@@ -13,8 +13,9 @@ server averages the deltas (unweighted) and applies them.
 TFF composes it: ``compose_learning_process(distributor, this client work,
 MeanFactory aggregator with client weights 1 (an unweighted mean), optimizer finalizer)``.
 
-Noise seeds come from the clock and a stateful random op, so they differ
-every round and are not derivable from the run's seed.
+Batch sampling and noise seeds come from unseeded stateful random ops, which
+TF seeds from the OS: they differ every round and are not derivable from the
+run's seed or from any output.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
             x, y = tf.data.experimental.get_single_element(dataset)  # the whole client, one element
             n = tf.shape(x)[0]
             q = tf.minimum(1.0, expected_batch_size / tf.cast(n, tf.float32))
-            seed0 = tf.cast(tf.timestamp() * 1e6, tf.int64) % (2**62)
+            # Secret per call: unseeded stateful ops draw their seeds from the OS (TFF traces in graphs with no
+            # graph-level seed, so --seed does not reach them).
+            seed0 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
             seed1 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
             clipped = tf.constant(0.0)
             non_finite = tf.constant(0.0)

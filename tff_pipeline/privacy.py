@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from typing import Any, Optional
 
 import numpy as np
@@ -88,8 +89,17 @@ class PrivacyConfig:
     def neighboring_relation(self) -> str:
         return "add or remove one client" if self.sampling == "poisson" else "replace one client"
 
-    def sampler(self, seed: int) -> "ClientSampler":
-        return ClientSampler(self, seed)
+    @property
+    def event_noise_multiplier(self) -> float:
+        """z relative to the l2-sensitivity of the round's release, as dp_accounting wants it.
+
+        Under add/remove-one (Poisson) one client moves the clipped sum by C and its centred clipped-count bit
+        by 1/2: the multiplier is z. Under replace-one (fixed size) the sum moves by 2C and the bit by 1, so both
+        parts of the noise are worth half as much: z/2 (Andrew et al. 2021, Thm 1 splits z the same way)."""
+        return self.noise_multiplier if self.sampling == "poisson" else self.noise_multiplier / 2
+
+    def sampler(self, public_seed: Optional[int] = None) -> "ClientSampler":
+        return ClientSampler(self, public_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +151,10 @@ class ExampleLevelConfig:
     @property
     def neighboring_relation(self) -> str:
         return "add or remove one example (one record) in one client's data"
+
+    @property
+    def event_noise_multiplier(self) -> float:
+        return self.noise_multiplier  # add/remove one example: the clipped sum moves by the clip norm
 
 
 def validate(cfg: PrivacyConfig) -> None:
@@ -197,23 +211,32 @@ def update_noise_multiplier(cfg: PrivacyConfig) -> float:
 class ClientSampler:
     """Draws each round's cohort exactly as the accountant assumes.
 
-    The draw for round r depends only on (seed, r) and, for a round run
-    again after a crash, on the attempt number: a resumed run draws the same
-    cohorts for rounds it has not run before, and a fresh independent cohort
-    for a round whose earlier result was released.
+    By default every draw uses fresh secret randomness (``secrets``, the OS's
+    entropy), which no output of the run contains: amplification by sampling
+    needs the cohorts to be unknown to whoever sees the model. A resumed run,
+    and a round run again after a crash, simply draws anew: each draw is
+    independent, which is what the accountant composes.
+
+    ``public_seed`` (research only, opt-in) makes the cohorts a function of
+    (seed, round, attempt), reproducible and therefore NOT secret: against
+    anyone who knows the seed, the amplified ε does not hold (the report then
+    also gives ε without amplification, ``epsilon_known_sampling``).
     """
 
-    def __init__(self, cfg: PrivacyConfig, seed: int):
+    def __init__(self, cfg: PrivacyConfig, public_seed: Optional[int] = None):
         self.cfg = cfg
-        self.seed = seed
+        self.public_seed = public_seed
+
+    @property
+    def secret(self) -> bool:
+        return self.public_seed is None
 
     def sample(self, round_num: int, attempt: int = 0) -> np.ndarray:
-        """The cohort of ``round_num``. A round run again after a crash
-        (``attempt`` > 0) draws a fresh, independent cohort: the accountant
-        composes each attempt as its own subsampled mechanism, which needs
-        independent sampling."""
-        key = [self.seed, round_num, 0x5A3] + ([attempt] if attempt else [])
-        rng = np.random.default_rng(key)
+        """The cohort of ``round_num`` (``attempt`` > 0: the round run again after a crash)."""
+        if self.public_seed is None:
+            rng = np.random.default_rng(secrets.randbits(128))
+        else:
+            rng = np.random.default_rng([self.public_seed, round_num, 0x5A3] + ([attempt] if attempt else []))
         n = self.cfg.population
         if self.cfg.sampling == "poisson":
             return np.flatnonzero(rng.random(n) < self.cfg.sampling_probability)
@@ -225,7 +248,7 @@ def round_event(cfg) -> dpe.DpEvent:
     sampler, or a client's local DP-SGD steps (ExampleLevelConfig)."""
     if not cfg.is_private:
         return dpe.NonPrivateDpEvent()
-    gaussian = dpe.GaussianDpEvent(cfg.noise_multiplier)
+    gaussian = dpe.GaussianDpEvent(cfg.event_noise_multiplier)
     if isinstance(cfg, ExampleLevelConfig):
         return dpe.SelfComposedDpEvent(dpe.PoissonSampledDpEvent(cfg.sampling_probability, gaussian),
                                        cfg.local_steps)
@@ -287,22 +310,36 @@ def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_e
     except PrivacyConfigError as e:
         fix = str(e).split("; ", 1)[1].replace("or lower --noise_multiplier", "or raise --target_epsilon")
         raise PrivacyConfigError(
-            f"--target_epsilon={target_epsilon:g} over --rounds={rounds} needs noise multiplier {z:.4g}, too large "
+            f"--target_epsilon={target_epsilon:g} over --rounds={rounds} needs noise multiplier {z:.4f}, too large "
             f"for adaptive clipping (z must be < 2 x clipped_count_stddev); {fix}") from None
 
 
 def zcdp_rho(cfg, rounds: int) -> Optional[float]:
     """ρ of zero-concentrated DP (Bun & Steinke 2016) where it applies: the
-    Gaussian mechanism without subsampling (q = 1), ρ = rounds·steps/(2 z²).
+    Gaussian mechanism without subsampling (q = 1), ρ = rounds·steps/(2 σ²)
+    with σ the multiplier relative to the sensitivity (z/2 under replace-one).
     None for subsampled mechanisms, whose amplification zCDP does not capture."""
     if not cfg.is_private or cfg.sampling_probability < 1:
         return None
     steps = cfg.local_steps if isinstance(cfg, ExampleLevelConfig) else 1
-    return rounds * steps / (2 * cfg.noise_multiplier**2)
+    return rounds * steps / (2 * cfg.event_noise_multiplier**2)
+
+
+def known_sampling_epsilon(cfg, max_participations: int) -> Optional[float]:
+    """ε of the client that took part most often, when the cohorts are known
+    (public sampling seed): its rounds compose as plain Gaussian mechanisms,
+    with no amplification by sampling. None without DP."""
+    if not cfg.is_private:
+        return None
+    if max_participations == 0:
+        return 0.0
+    acc = _rdp_accountant(cfg.sampling).compose(
+        dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(cfg.event_noise_multiplier), max_participations))
+    return float(acc.get_epsilon(cfg.delta))
 
 
 def calibrate(make_cfg, rounds: int, target_epsilon: float, delta: float) -> float:
-    """Smallest noise multiplier z with RDP ε(make_cfg(z), rounds) <= target."""
+    """Smallest noise multiplier z on a 1e-4 grid with RDP ε(make_cfg(z), rounds) <= target."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise PrivacyConfigError(f"--target_epsilon={target_epsilon} must be a finite number > 0")
     if rounds < 1:
@@ -311,9 +348,22 @@ def calibrate(make_cfg, rounds: int, target_epsilon: float, delta: float) -> flo
     z = float(dp_accounting.calibrate_dp_mechanism(
         lambda: _rdp_accountant(sampling), lambda z: training_event(make_cfg(z), rounds), target_epsilon, delta,
         bracket_interval=dp_accounting.LowerEndpointAndGuess(0.01, 1.0), tol=1e-4))
+    # Rounded up to 4 decimals (never to the nearest), so the z that is printed, stored and used is one value
+    # and its ε never exceeds the target.
+    z = round_up(z)
     while epsilon(make_cfg(z), rounds)[0] > target_epsilon:
-        z *= 1.0001
+        z = round_up(z + Z_STEP)
+    while z > Z_STEP and epsilon(make_cfg(round(z - Z_STEP, 4)), rounds)[0] <= target_epsilon:
+        z = round(z - Z_STEP, 4)  # the search's tolerance: the smallest z on the 1e-4 grid
     return z
+
+
+Z_STEP = 1e-4
+
+
+def round_up(z: float) -> float:
+    """z rounded up to a multiple of 1e-4 (a noise multiplier may only grow when rounded)."""
+    return round(math.ceil(round(z / Z_STEP, 6)) * Z_STEP, 4)
 
 
 def affordable_rounds(cfg, target_epsilon: float, limit: int = 10_000_000) -> int:

@@ -88,7 +88,9 @@ def build(
     unit: str,
     stop_reason: str,
     noise_calibration: Optional[dict] = None,
-    not_covered: tuple[str, ...] = (),
+    releases: Optional[dict] = None,
+    sampling_secret: bool = True,
+    max_participations: Optional[int] = None,
     initialisation: Optional[str] = None,
     mechanism: Optional[str] = None,
     kind: str = "training run",
@@ -101,7 +103,10 @@ def build(
     ExampleLevelConfig (example level, DP-SGD inside clients).
     ``rounds_accounted``: round results composed by the accountant (the
     privacy ledger's length: more than ``rounds_run`` when rounds were run
-    again after a crash); default ``rounds_run``."""
+    again after a crash); default ``rounds_run``.
+    ``releases``: train.release_notes (what the run directory holds: covered,
+    public, not covered). ``sampling_secret`` False: the cohorts came from a
+    public seed; ``max_participations`` then gives ε without amplification."""
     example = isinstance(pcfg, privacy.ExampleLevelConfig)
     n = rounds_run if rounds_accounted is None else rounds_accounted
     eps, order = privacy.epsilon(pcfg, n)
@@ -134,10 +139,16 @@ def build(
              for d in OTHER_DELTAS}
             if private else {}
         ),
+        "event_noise_multiplier": pcfg.event_noise_multiplier if private else None,
         "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, n)),
-        "not_covered": list(not_covered),
+        "sampling_secret": sampling_secret,
+        "releases": releases,
+        "not_covered": list((releases or {}).get("not_covered", ())) + list((releases or {}).get("not_counted", ())),
         "model_initialisation": initialisation or "random (no pre-training)",
     }
+    if not sampling_secret:
+        report["max_participations"] = max_participations
+        report["epsilon_known_sampling"] = privacy.known_sampling_epsilon(pcfg, max_participations or 0)
     if per_client:
         report["per_client"] = per_client
         report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
@@ -214,11 +225,31 @@ def statement(r: dict[str, Any]) -> str:
         )
     if r.get("epsilon_pld") is not None:
         text += f"; the PLD accountant gives ε = {r['epsilon_pld']:.4g} for the same event"
-    text += (
-        ". The guarantee assumes the sampling was done as stated, with randomness unknown to the adversary, "
-        "and covers everything computed from the noisy aggregates, including the final model"
-        + ("" if example else " and the clip norms") + "."
-    )
+    if s["scheme"] == "fixed" and not example:
+        text += (f"; under replace-one a client moves the clipped sum by twice the clip norm (and its clipped-count "
+                 f"bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
+    if example:
+        secret = ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
+                  "operating system; no output of the run contains them")
+    elif r.get("sampling_secret", True):
+        secret = ("client sampling draws from secret operating-system randomness (Python's secrets module) and the "
+                  "noise from unseeded random ops that TensorFlow seeds from the operating system; no output of the "
+                  "run contains either (which clients took part is kept in operator/participation.jsonl, "
+                  "operator-only)")
+    else:
+        secret = None
+    if secret:
+        text += f". The guarantee relies on randomness unknown to the adversary: {secret}"
+    else:
+        kmax = r.get("max_participations")
+        ek = r.get("epsilon_known_sampling")
+        text += (". WARNING: the cohorts were drawn from --public_sampling_seed, so they are NOT secret: ε above "
+                 "holds only against an adversary who does not know that seed. Against one who does, there is no "
+                 "amplification by sampling"
+                 + (f": the client that took part most often ({kmax} round results) has ε = {ek:.4g}"
+                    if ek is not None and kmax is not None else "") + ". Use it for research only")
+    text += (". The guarantee covers everything computed from the noisy aggregates, including the final model"
+             + ("" if example else " and the clip norms") + ".")
     extra = r.get("rounds_accounted", r["rounds_run"]) - r["rounds_run"]
     if extra > 0:
         text += (f" The run was resumed after a crash and {extra} round result(s) computed before it were lost and "
@@ -227,9 +258,17 @@ def statement(r: dict[str, Any]) -> str:
     if r.get("model_initialisation", "").startswith("pre-trained"):
         text += (f" The starting model was {r['model_initialisation']}; that data is public, holds no client's "
                  f"data, and costs no privacy.")
+    c = r.get("noise_calibration") or {}
+    if c.get("task_default"):
+        text += (f" No noise setting was given, so the task's default target ε = {c['target_epsilon']:g} was "
+                 f"used.")
     if r.get("small_population_warning"):
         text += " " + r["small_population_warning"]
-    if r["not_covered"]:
+    rel = r.get("releases")
+    if rel:
+        text += (" " + rel["public"] + " Values computed from the data without noise are operator-only and not "
+                 "covered: everything in operator/ and checkpoints/ (listed in the report).")
+    elif r["not_covered"]:
         text += " Not covered: " + " ".join(r["not_covered"])
     return text
 
@@ -272,9 +311,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("ε (PLD accountant, cross-check)", "n/a" if r["epsilon_pld"] is None else f"{r['epsilon_pld']:.4f}"),
         ("zCDP ρ", f"{r['zcdp_rho']:.6g}" if r.get("zcdp_rho") is not None else f"n/a ({r.get('zcdp_note') or 'no DP'})"),
     ]
+    if not example and r["differentially_private"]:
+        rows.append(("Noise multiplier given to the accountant (std / sensitivity)", f"{r['event_noise_multiplier']:.6g}"))
+    rows.append(("Sampling randomness", "secret (operating system)" if r.get("sampling_secret", True) else
+                 f"**public** (--public_sampling_seed): ε without amplification for the most frequent client = "
+                 f"{_fmt(r.get('epsilon_known_sampling'))} ({r.get('max_participations')} round results)"))
     if r.get("noise_calibration"):
         c = r["noise_calibration"]
-        rows.append(("Noise calibration", f"z calibrated for target ε = {c['target_epsilon']:g} over {c['rounds']} rounds"))
+        rows.append(("Noise calibration", f"z calibrated for target ε = {c['target_epsilon']:g} over {c['rounds']} rounds"
+                     + (" (the task's default: no noise flag was given)" if c.get("task_default") else "")))
     for k, v in (r.get("plan") or {}).items():
         rows.append((k, v))
     out = ["# Privacy report", "", r["statement"], "", "| | |", "|---|---|"]
@@ -286,7 +331,15 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r["epsilon_at_other_delta"]:
         out += ["", "## ε at other δ", "", "| δ | ε (RDP) | ε (PLD) |", "|---|---|---|"]
         out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]
-    if r["not_covered"]:
+    rel = r.get("releases")
+    if rel:
+        out += ["", "## What this run directory holds", "", "Covered by the guarantee:", ""]
+        out += [f"- {x}" for x in rel["covered"]]
+        out += ["", f"Public by assumption: {rel['public']}", "",
+                "**Not covered (operator-only: computed from private data without noise; do not release):**", ""]
+        out += [f"- {x}" for x in rel["not_covered"]]
+        out += ["", "Not counted:", ""] + [f"- {x}" for x in rel["not_counted"]]
+    elif r["not_covered"]:
         out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
     if r.get("empirical_audit"):
         from tff_pipeline import audit
@@ -321,9 +374,10 @@ def write(directory: str, report: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(directory, "privacy_report.md"), render_markdown(report))
 
 
-def plot_run(directory: str, headline: str) -> str:
-    """privacy_report.png beside the report: ε spent, the adaptive clip norm and
-    the held-out ``headline`` metric, each over rounds, on one page."""
+def plot_run(metrics_csv: str, path: str, headline: str) -> str:
+    """The operator's training curves at ``path``: ε spent, the adaptive clip
+    norm and the held-out ``headline`` metric (not covered by the guarantee),
+    each over rounds, on one page."""
     import csv
 
     import matplotlib
@@ -331,7 +385,7 @@ def plot_run(directory: str, headline: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(directory, "metrics.csv"), newline="") as f:
+    with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
 
     def series(col):
@@ -354,7 +408,6 @@ def plot_run(directory: str, headline: str) -> str:
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(directory, "privacy_report.png")
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

