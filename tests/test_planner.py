@@ -107,6 +107,23 @@ def test_rederives_a_training_run(trained_run):
     assert f"stated ε = {stated:.4f}: match" in p.stdout
 
 
+def test_rederiving_a_fixed_size_report_from_before_the_replace_one_fix_flags_it(tmp_path):
+    # A report as the old code wrote it: fixed-size cohorts, the event carrying z instead of z/2.
+    import dp_accounting
+
+    from tff_pipeline import privacy, report
+
+    cfg = privacy.PrivacyConfig(1139, 20, 0.8, 1e-5, "fixed")
+    r = report.build(cfg, rounds_run=30, rounds_planned=30, unit="u", stop_reason="x")
+    r["recorded_event"] = privacy.event_to_json(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(1139, 20, dp_accounting.GaussianDpEvent(0.8)), 30))
+    r["epsilon"] = 2.7796
+    (tmp_path / "privacy_report.json").write_text(json.dumps(r))
+    p = run_script("privacy_report.py", f"--run_dir={tmp_path}", timeout=120)
+    assert p.returncode == 1 and "MISMATCH" in p.stdout
+    assert "this report under-counts ε" in p.stdout and "corrected ε = 18.4427" in p.stdout
+
+
 def test_planner_never_imports_tensorflow():
     code = ("import sys; sys.argv=['x','--population=1000','--clients_per_round=10','--noise_multiplier=1',"
             "'--rounds=5']; sys.path.insert(0, %r); import runpy\n"

@@ -122,3 +122,15 @@ def test_an_empty_poisson_cohort_is_a_round_and_resumes(runs):
     assert not r["sampling_secret"] and r["max_participations"] == kmax
     assert r["epsilon_known_sampling"] == pytest.approx(privacy.known_sampling_epsilon(cfg, int(kmax)))
     assert "NOT secret" in r["statement"] and "--public_sampling_seed" in r["statement"]
+
+
+def test_resuming_a_run_made_before_secret_sampling_is_refused():
+    from tff_pipeline import train
+    from tff_pipeline.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    old = {"config": {k: v for k, v in cfg.to_json().items() if k != "public_sampling_seed"}}
+    with pytest.raises(ConfigError, match=r"cannot resume x: it was made by an earlier version, which drew its "
+                                          r"cohorts from --seed \(not secret\)"):
+        train.check_resume_compatible(cfg, old, None, "x")
+    assert "metrics.csv" in train.RUN_FILES and "privacy_report.png" in train.RUN_FILES  # --overwrite removes them

@@ -102,8 +102,11 @@ class Ledger:
         return len(self.entries)
 
     def attempts(self, round_num: int) -> int:
-        """How many results of this round were recorded before."""
-        return self._per_round[round_num]
+        """How many results of this round were recorded before. A torn line
+        (its round unknown) counts for every round, so a round re-run after it
+        never reuses an attempt number (a public sampling seed would otherwise
+        draw the same cohort again)."""
+        return self._per_round[round_num] + self._per_round[None]
 
     def append(self, round_num: int, event: dict) -> None:
         """Records one released round result and its DpEvent (``privacy.event_to_json``)."""
@@ -199,7 +202,7 @@ def save(run_dir: str, round_num: int, state, meta: dict[str, Any], keep: int) -
     tmp = os.path.join(d, f".tmp-ckpt-{round_num:06d}-{os.getpid()}")
     leaves = tf.nest.flatten(state)
     try:
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)  # meta.json holds held-out metrics: operator-only
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         buf = io.BytesIO()  # built in memory: a failed disk write then leaves no half-closed zip behind

@@ -31,7 +31,7 @@ HELP = {
                    "(the model and report are still written, and say why training stopped).",
     "delta": "δ of the (ε, δ) guarantee; keep it well below 1/population.",
     "privacy_unit": "Unit of privacy: client (DP-FedAvg, user level), example (DP-SGD inside each client, "
-                    "record level: patients), or auto (the task's default: keyboard client, medical example).",
+                    "record level: hospital visits), or auto (the task's default: keyboard client, medical example).",
     "l2_norm_clip": "Per-example L2 clip of DP-SGD (--privacy_unit=example; Abadi et al. 2016).",
     "local_steps": "DP-SGD steps per client per round (--privacy_unit=example); --batch_size is the expected "
                    "Poisson batch size.",

@@ -151,12 +151,30 @@ def rederive(run_dir: str) -> dict[str, Any]:
     stated = rep.get("epsilon")
     agree = (stated is None and not math.isfinite(eps)) or (
         stated is not None and math.isclose(stated, eps, rel_tol=1e-9))
+    under_counted = None
+    if scheme == "fixed" and rep.get("differentially_private"):
+        # Reports written before the replace-one fix recorded z instead of z/2 (sensitivity 2C): recompute.
+        want = float(rep["noise_multiplier"]) / 2
+        if not math.isclose(_gaussian_multiplier(event), want, rel_tol=1e-9):
+            fixed = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+                rep["sampling"]["population"], rep["sampling"]["clients_per_round"],
+                dp_accounting.GaussianDpEvent(want)), int(rep["rounds_accounted"]))
+            under_counted = rdp.RdpAccountant(neighboring_relation=rel).compose(fixed).get_epsilon(delta)
+            agree = False
     rep["rederived"] = {"epsilon_rdp": eps if math.isfinite(eps) else None, "rdp_order": order,
-                        "epsilon_pld": eps_pld, "matches_report": agree}
+                        "epsilon_pld": eps_pld, "matches_report": agree,
+                        "epsilon_replace_one_corrected": under_counted}
     rep["plan"] = {"Re-derived ε (RDP, from recorded_event)": _f(eps),
                    "Re-derived ε (PLD, from recorded_event)": _f(eps_pld),
                    "Matches the stated ε": "yes" if agree else "**NO**"}
     return rep
+
+
+def _gaussian_multiplier(event) -> float:
+    """The Gaussian noise multiplier inside a recorded (composed, sampled) event."""
+    while not hasattr(event, "noise_multiplier"):
+        event = event.event
+    return float(event.noise_multiplier)
 
 
 def _f(x) -> str:
@@ -175,6 +193,9 @@ def render_text(rep: dict[str, Any]) -> str:
         lines.append(f"re-derived from the recorded DpEvent: ε = {_f(d['epsilon_rdp'])} (RDP), "
                      f"{_f(d['epsilon_pld'])} (PLD); stated ε = {_f(rep.get('epsilon'))}: "
                      + ("match" if d["matches_report"] else "MISMATCH"))
+        if d.get("epsilon_replace_one_corrected") is not None:
+            lines.append(f"this report under-counts ε: its fixed-size (replace-one) event carries z, not z/2 (a "
+                         f"client moves the clipped sum by 2C); corrected ε = {_f(d['epsilon_replace_one_corrected'])}")
     lines.append(f"unit: {rep['unit_of_privacy']}; neighbouring: {rep['neighbouring_relation']}; "
                  f"q = {rep['sampling']['q']:.6g} ({rep['sampling']['scheme']})")
     lines.append(f"ε (RDP) = {_f(rep['epsilon'])} at δ = {rep['delta']:g}, order {rep['rdp_order']}; "

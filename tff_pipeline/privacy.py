@@ -106,7 +106,7 @@ class PrivacyConfig:
 class ExampleLevelConfig:
     """Example-level DP: DP-SGD inside each client (Abadi et al. 2016,
     https://arxiv.org/abs/1607.00133), for cross-silo settings where the unit
-    to protect is one record (a patient), not a whole client.
+    to protect is one record (e.g. a hospital visit), not a whole client.
 
     Each round, a client takes ``local_steps`` DP-SGD steps; each step
     Poisson-samples its batch with q = batch_size / examples_per_client, clips

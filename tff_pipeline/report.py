@@ -204,7 +204,7 @@ def statement(r: dict[str, Any]) -> str:
             f"{r['neighbouring_relation']}. Each client runs {r['mechanism']}, {s['local_steps_per_round']} steps "
             f"per round for {r['rounds_run']} rounds, where each of its {s['examples_per_client']} examples joins "
             f"each batch independently with probability q = {s['q']:.4g} (Poisson sampling, expected batch "
-            f"{s['batch_size']}), with noise multiplier {r['noise_multiplier']:.4g}. Every round is counted, as if "
+            f"{s['batch_size']}), with noise multiplier {r['noise_multiplier']:.6g}. Every round is counted, as if "
             f"the record's client took part in all of them. ε is computed by the RDP accountant of dp_accounting "
             f"(order {r['rdp_order']:g})"
         )
@@ -220,7 +220,7 @@ def statement(r: dict[str, Any]) -> str:
             f"the protected unit is one client ({r['client_is']}), and the neighbouring datasets differ by "
             f"{r['neighbouring_relation']}. It {'will be' if r.get('kind') == 'plan' else 'was'} trained with "
             f"{r['mechanism']} for {r['rounds_run']} rounds, where {sampled}, with noise multiplier "
-            f"{r['noise_multiplier']:.4g} on the clipped updates and the clipped-count estimate together. ε is "
+            f"{r['noise_multiplier']:.6g} on the clipped updates and the clipped-count estimate together. ε is "
             f"computed by the RDP accountant of dp_accounting (order {r['rdp_order']:g})"
         )
     if r.get("epsilon_pld") is not None:
@@ -230,12 +230,12 @@ def statement(r: dict[str, Any]) -> str:
                  f"bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
     if example:
         secret = ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
-                  "operating system; no output of the run contains them")
+                  "operating system; no output of the run contains them")  # nothing records DP-SGD's batches
     elif r.get("sampling_secret", True):
         secret = ("client sampling draws from secret operating-system randomness (Python's secrets module) and the "
-                  "noise from unseeded random ops that TensorFlow seeds from the operating system; no output of the "
-                  "run contains either (which clients took part is kept in operator/participation.jsonl, "
-                  "operator-only)")
+                  "noise from unseeded random ops that TensorFlow seeds from the operating system; no released "
+                  "output of the run contains either (which clients took part is kept in "
+                  "operator/participation.jsonl, operator-only)")
     else:
         secret = None
     if secret:
@@ -244,7 +244,8 @@ def statement(r: dict[str, Any]) -> str:
         kmax = r.get("max_participations")
         ek = r.get("epsilon_known_sampling")
         text += (". WARNING: the cohorts were drawn from --public_sampling_seed, so they are NOT secret: ε above "
-                 "holds only against an adversary who does not know that seed. Against one who does, there is no "
+                 "holds only against an adversary who does not know that seed, and the seed is written in "
+                 "config.json. Against one who knows it, there is no "
                  "amplification by sampling"
                  + (f": the client that took part most often ({kmax} round results) has ε = {ek:.4g}"
                     if ek is not None and kmax is not None else "") + ". Use it for research only")
@@ -342,9 +343,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     elif r["not_covered"]:
         out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
     if r.get("empirical_audit"):
-        from tff_pipeline import audit
-
-        out += ["", audit.render_markdown(r["empirical_audit"]).rstrip()]
+        out += ["", "## Empirical audit", "", f"With --audit: {r['empirical_audit']}."]
     out += [
         "",
         "## Recompute it yourself",

@@ -28,6 +28,7 @@ class Task:
       export: (Keras model, directory) -> writes a SavedModel there.
       summary: facts about the data for config.json and the report.
       privacy_unit: what one client is, in words, for the report.
+      record_is: what one example (record) is, for example-level reports.
       headline_metric: the eval metric printed in progress lines.
       public_data: optional (x, y) arrays from public sources (never from
         the clients), for central pre-training at no privacy cost.
@@ -55,6 +56,7 @@ class Task:
     default_privacy_unit: str = "client"
     example_counts: tuple = ()
     client_names: tuple = ()
+    record_is: str = "one example"
 
     def __post_init__(self):
         if self.population < 1:

@@ -55,11 +55,13 @@ def release_notes(task, unit: str, audit: bool, secret_sampling: bool) -> dict[s
     data_keys = ", ".join(sorted(task.summary)) or "none"
     not_covered = [
         "operator/metrics.csv: per-round training loss and accuracy, example and batch counts summed over the "
-        "cohort, the cohort size (the number of clients sampled, released without noise), the counts of updates "
-        "or examples zeroed for NaN/Inf values or an overflowing norm, and the held-out evaluation metrics.",
-        "operator/summary.json, operator/training_curves.png and the run's console output: held-out evaluation "
-        "metrics and baselines, computed on held-out data without noise (held-out clients and records are not "
-        "protected by this guarantee at all).",
+        "cohort, the cohort size (the number of clients sampled, released without noise), the fraction of "
+        "examples clipped (DP-SGD), the counts of updates or examples zeroed for NaN/Inf values or an overflowing "
+        "norm, and the held-out evaluation metrics.",
+        "operator/summary.json, operator/training_curves.png and the run's console output (its progress lines "
+        "show the cohort size, training loss and held-out metric of each round): held-out evaluation metrics and "
+        "baselines are computed on held-out data without noise (held-out clients and records are not protected "
+        "by this guarantee at all).",
         f"operator/data_summary.json: facts computed from the clients' data without noise ({data_keys}).",
         "operator/participation.jsonl: which clients took part in which round and attempt"
         + (" (every client in every round; nothing in it is secret)." if unit == "example" else
@@ -71,11 +73,14 @@ def release_notes(task, unit: str, audit: bool, secret_sampling: bool) -> dict[s
         not_covered.append("operator/heldout_by_client.csv: held-out metrics per client (per hospital or sensor), "
                            "with per-client baselines where the task has them.")
     if audit:
-        not_covered.append("operator/audit.json and the audit section: attack scores computed on training and "
-                           "held-out clients without noise.")
+        not_covered.append(AUDIT_NOT_COVERED)
     not_counted = ["Choosing hyperparameters across several runs on the same clients spends privacy that this "
                    "report does not count; tune on public data or on clients set apart."]
     return {"covered": covered, "public": public, "not_covered": not_covered, "not_counted": not_counted}
+
+
+AUDIT_NOT_COVERED = ("operator/audit.json: attack scores computed on training and held-out clients without noise "
+                     "(the report only points to it).")
 
 
 def privacy_headline(cfg: TrainConfig, defaulted: bool) -> str:
@@ -105,7 +110,9 @@ class RoundResult:
 Callback = Callable[[RoundResult], None]
 
 
-RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_weights.h5", "ledger.jsonl")
+RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_weights.h5", "ledger.jsonl",
+             # written at the top level by versions before operator/: removed by --overwrite too
+             "metrics.csv", "summary.json", "heldout_by_client.csv", "audit.json", "privacy_report.png")
 RUN_DIRS = ("saved_model", "checkpoints", OPERATOR_DIR)
 # Settings that may differ when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
@@ -176,6 +183,10 @@ def check_resume_compatible(cfg: TrainConfig, previous: dict, pcfg, path: str) -
     """Refuses to resume with settings that change the mechanism or the
     model: the accountant must describe one mechanism for all rounds."""
     old = previous.get("config", {})
+    if "public_sampling_seed" not in old:
+        raise ConfigError(f"cannot resume {path}: it was made by an earlier version, which drew its cohorts from "
+                          f"--seed (not secret) and kept data-dependent files beside the model; start a new run in "
+                          f"another --output_dir (or pass --overwrite to replace it)")
     for k, v in cfg.to_json().items():
         if k in RESUMABLE_CHANGES or k not in old or old[k] == v:
             continue
@@ -608,7 +619,8 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         for c in per_client.values():
             c_cfg = c.pop("config")
             c["epsilon"] = privacy.epsilon(c_cfg, accounted)[0] if pcfg.is_private else None
-    rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds, unit=task.privacy_unit,
+    rep = report.build(pcfg, rounds_run=rounds_run, rounds_planned=cfg.rounds,
+                       unit=task.record_is if unit == "example" else task.privacy_unit,
                        per_client=per_client, rounds_accounted=accounted,
                        stop_reason=stop_reason, noise_calibration=calib,
                        releases=release_notes(task, unit, cfg.audit, sampler.secret),
@@ -620,9 +632,9 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         from tff_pipeline import audit
 
         log("auditing: membership inference" + (" and canary exposure" if cfg.canaries else "") + " ...")
-        rep["empirical_audit"] = audit.run(task, keras_model, participation.clients(), cfg.seed, pcfg.delta,
-                                           rep["epsilon"])
-        report.atomic_write_text(operator_path(out, "audit.json"), json.dumps(rep["empirical_audit"], indent=2) + "\n")
+        audit_result = audit.run(task, keras_model, participation.clients(), cfg.seed, pcfg.delta, rep["epsilon"])
+        report.atomic_write_text(operator_path(out, "audit.json"), json.dumps(audit_result, indent=2) + "\n")
+        rep["empirical_audit"] = audit.POINTER
     report.write(out, rep)
     report.plot_run(metrics_csv.path, operator_path(out, "training_curves.png"), task.headline_metric)
     summary = {
@@ -634,10 +646,10 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         "seconds_per_round": train_seconds / max(rounds_run - first_round + 1, 1),
     }
     if cfg.audit:
-        mi = rep["empirical_audit"]["membership_inference"]
+        mi = audit_result["membership_inference"]
         summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
                             "epsilon_lower_bound": mi["epsilon_lower_bound"],
-                            "canary_exposure_mean": rep["empirical_audit"].get("canary_exposure_mean")}
+                            "canary_exposure_mean": audit_result.get("canary_exposure_mean")}
     if stop.signal:
         summary["interrupted"] = True
     report.atomic_write_text(operator_path(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
@@ -653,7 +665,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
         write_by_client(operator_path(out, "heldout_by_client.csv"), by_client)
         log(f"held-out per client: {operator_path(out, 'heldout_by_client.csv')} (operator-only)")
     if cfg.audit:
-        a = rep["empirical_audit"]
+        a = audit_result
         mi = a["membership_inference"]
         acc_eps = "∞" if rep["epsilon"] is None else f"{rep['epsilon']:.4f}"
         log(f"audit: membership inference AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
