@@ -157,27 +157,6 @@ POINTER = ("operator-only: see operator/audit.json (attack scores computed on pr
            "covered by the guarantee, so not part of this report)")
 
 
-def render_markdown(a: dict[str, Any]) -> str:
-    mi = a["membership_inference"]
-    eps = "∞ (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.4f}"
-    out = ["## Empirical audit (operator-only: attack scores on private data, not covered by the guarantee)", "",
-           f"Membership inference ({mi['attack']}): {mi['members']} members ({a['members_are']}) vs "
-           f"{mi['non_members']} non-members ({a['non_members_are']}).", "",
-           "| | |", "|---|---|",
-           f"| attack AUC | {mi['auc']:.4f} |", f"| attack advantage (max TPR − FPR) | {mi['advantage']:.4f} |",
-           f"| ε lower bound ({mi['confidence']:.0%} confidence) | {mi['epsilon_lower_bound']:.4f} |",
-           f"| accountant ε (upper bound) | {eps} |",
-           f"| consistent | {'yes' if a['consistent_with_accountant'] else '**NO: the attack proves more than the accountant allows**'} |"]
-    if a.get("canaries"):
-        out += ["", f"Canaries (secret sharer): mean exposure {a['canary_exposure_mean']:.2f} bits "
-                    f"(rank-based {a['canary_exposure_rank_mean']:.2f}; max {a['canaries'][0]['max_exposure']:.1f}).", "",
-                "| canary | clients | rank / references | exposure (rank) | exposure (extrapolated) |",
-                "|---|---|---|---|---|"]
-        out += [f"| {c['text']} | {len(c['clients'])} | {c['rank']} / {c['references']} | {c['exposure_rank']:.2f} | "
-                f"{c['exposure_extrapolated']:.2f} |" for c in a["canaries"]]
-    return "\n".join(out) + "\n"
-
-
 def render_text(a: dict[str, Any]) -> str:
     mi = a["membership_inference"]
     eps = "∞ (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.4f}"
