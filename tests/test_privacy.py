@@ -204,3 +204,16 @@ def test_calibrated_noise_too_large_for_adaptive_clipping_names_the_target():
         privacy.calibrate_noise_multiplier(0.3, 300, 1139, 20, 1e-5)
     # The search itself may pass through z > 2 σ_b: ε = 1 over 30 rounds needs z = 1.14 < 2.
     assert privacy.calibrate_noise_multiplier(1.0, 30, 1139, 20, 1e-5) == pytest.approx(1.1435, abs=1e-3)
+
+
+def test_adaptive_clipping_fix_suggests_only_what_can_work():
+    # 21 clients: no cohort of 51 exists, so only σ_b (or the target) is offered.
+    with pytest.raises(PrivacyConfigError) as e:
+        privacy.calibrate_noise_multiplier(10, 100, 21, 20, 1e-5)
+    assert "--clipped_count_stddev to e.g." in str(e.value) and "--clients_per_round" not in str(e.value)
+    # An explicit σ_b does not grow with the cohort: raising --clients_per_round would not help.
+    with pytest.raises(PrivacyConfigError) as e:
+        PrivacyConfig(1000, 10, 1.0, 1e-5, clipped_count_stddev=0.4)
+    assert "--clients_per_round" not in str(e.value)
+    with pytest.raises(PrivacyConfigError, match="raise --clients_per_round to at least 11"):
+        PrivacyConfig(1000, 10, 1.0, 1e-5)

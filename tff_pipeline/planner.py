@@ -90,7 +90,7 @@ def plan(req: PlanRequest) -> dict[str, Any]:
             z = privacy.calibrate(_config_factory(req, searching=True), rounds, req.target_epsilon, req.delta)
             if req.unit == "client":
                 privacy.check_calibrated(z, make(1.0).clients_per_round, req.clipped_count_stddev,
-                                         req.target_epsilon, rounds)
+                                         req.target_epsilon, rounds, make(1.0).population)
             solved = {"solved_for": "noise_multiplier", "noise_multiplier": z}
         elif z is not None:
             rounds = privacy.affordable_rounds(make(z), req.target_epsilon)

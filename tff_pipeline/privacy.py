@@ -178,10 +178,11 @@ def validate(cfg: PrivacyConfig) -> None:
         raise PrivacyConfigError(f"--sampling={cfg.sampling!r} must be one of {', '.join(SAMPLING_SCHEMES)}")
     if cfg.clipped_count_stddev is not None and cfg.clipped_count_stddev < 0:
         raise PrivacyConfigError(f"--clipped_count_stddev={cfg.clipped_count_stddev} must be >= 0")
-    check_adaptive_clipping(cfg.noise_multiplier, cfg.clients_per_round, cfg.clipped_count_stddev)
+    check_adaptive_clipping(cfg.noise_multiplier, cfg.clients_per_round, cfg.clipped_count_stddev, cfg.population)
 
 
-def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, clipped_count_stddev: Optional[float]) -> None:
+def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, clipped_count_stddev: Optional[float],
+                            population: Optional[int] = None) -> None:
     """Adaptive clipping splits z between the update and the clipped count.
 
     The update gets z_u = (z^-2 - (2 σ_b)^-2)^-1/2 (Andrew et al. 2021, Thm 1),
@@ -192,11 +193,13 @@ def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, cli
     sb = 0.05 * clients_per_round if clipped_count_stddev is None else clipped_count_stddev
     if noise_multiplier >= 2 * sb:
         need = noise_multiplier / 2 * 1.25
+        clients = math.floor(noise_multiplier / 0.1) + 1  # the default σ_b = 0.05 x clients_per_round
+        more = (f"raise --clients_per_round to at least {clients}, " if clipped_count_stddev is None
+                and (population is None or clients <= population) else "")
         raise PrivacyConfigError(
             f"--noise_multiplier={noise_multiplier} is too large for adaptive clipping with "
             f"clipped_count_stddev={sb:g} (must be < 2 x clipped_count_stddev); set "
-            f"--clipped_count_stddev to e.g. {need:.3g}, raise --clients_per_round to at least "
-            f"{math.floor(noise_multiplier / 0.1) + 1}, or lower --noise_multiplier"
+            f"--clipped_count_stddev to e.g. {need:.3g}, {more}or lower --noise_multiplier"
         )
 
 
@@ -299,14 +302,15 @@ def calibrate_noise_multiplier(
     # The DpEvent does not depend on σ_b: search without the adaptive-clipping bound, check the answer.
     z = calibrate(lambda z: PrivacyConfig(population, clients_per_round, z, delta, sampling, math.inf),
                   rounds, target_epsilon, delta)
-    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds)
+    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds, population)
     return z
 
 
-def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_epsilon: float, rounds: int) -> None:
+def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_epsilon: float, rounds: int,
+                     population: Optional[int] = None) -> None:
     """check_adaptive_clipping for a calibrated z, with a message about the target."""
     try:
-        check_adaptive_clipping(z, clients_per_round, clipped_count_stddev)
+        check_adaptive_clipping(z, clients_per_round, clipped_count_stddev, population)
     except PrivacyConfigError as e:
         fix = str(e).split("; ", 1)[1].replace("or lower --noise_multiplier", "or raise --target_epsilon")
         raise PrivacyConfigError(
