@@ -90,9 +90,9 @@ def main(argv):
                   f"{'' if ratio is None else f'{ratio:9.2f}'}")
         print(f"{r['workload']:9s} {'':10s} {'':8s} {'':9s} {'':9s}  {r['peak_rss_mb']:.0f}")
     if FLAGS.output:
-        from tff_pipeline import report
+        from tff_pipeline.io import atomic_write_text
 
-        report.atomic_write_text(FLAGS.output, json.dumps(results, indent=2) + "\n")
+        atomic_write_text(FLAGS.output, json.dumps(results, indent=2) + "\n")
         print(f"\nwritten: {FLAGS.output}")
     return 0
 

@@ -8,6 +8,9 @@
   # example level (DP-SGD inside each client)
   python scripts/privacy_report.py --unit=example --examples_per_client=228 --batch_size=16 --local_steps=10 \
       --noise_multiplier=1.1 --rounds=50
+  # DP-FTRL (no sampling assumed; a tree per epoch of 1139 // 100 rounds)
+  python scripts/privacy_report.py --mechanism=dp_ftrl --population=1139 --clients_per_round=100 --rounds=30 \
+      --target_epsilon=3
   # an existing run
   python scripts/privacy_report.py --run_dir=runs/keyboard-... --format=markdown
 """
@@ -22,6 +25,9 @@ from absl import flags
 
 from tff_pipeline import cli
 
+flags.DEFINE_enum("mechanism", None, ["dp_fedavg", "dp_ftrl", "dp_sgd"], "The mechanism to plan: dp_fedavg "
+                  "(default at --unit=client), dp_ftrl (DP-FTRL: epochs of population // clients_per_round rounds, one "
+                  "noise tree each), dp_sgd (default at --unit=example).")
 flags.DEFINE_enum("unit", "client", ["client", "example"], "Unit of privacy: client (DP-FedAvg, user level) or "
                   "example (DP-SGD inside each client, record level).")
 flags.DEFINE_integer("population", None, "Clients that can be sampled (unit=client).")

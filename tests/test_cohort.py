@@ -41,9 +41,9 @@ def small():
 
 
 def _pcfg(cfg, task):
-    from tff_pipeline import train
+    from tff_pipeline import mechanisms
 
-    return train.resolve_privacy(cfg, task.population)[0]
+    return mechanisms.resolve(cfg, task).mechanism
 
 
 def test_shards_keep_clients_whole_in_order_and_give_empty_clients_one_empty_batch():
@@ -186,3 +186,30 @@ def test_an_empty_cohort_is_a_noise_only_round(small):
     again = np.concatenate([np.ravel(w) for w in process.get_model_weights(
         process.next(state, cohort.empty_shards(task.element_spec)).state).trainable])
     assert np.abs(again - after).max() > expected
+
+
+def test_dp_ftrl_tree_noise_comes_from_the_given_secret_seeds_and_restarts(small):
+    """DP-FTRL's round on clients without data: the server step (SGD, lr 1, no momentum) moves the model by
+    the tree noise alone. The first leaf's noise has std z·C/cohort per coordinate; the noise is a function
+    of the seeds restart_tree installs (the same seeds give the same noise, others other noise), never of
+    TFF's clock-derived default seed."""
+    from tff_pipeline import cohort
+    from tff_pipeline.mechanisms import DPFTRL
+
+    task, cfg = small
+    cfg = dataclasses.replace(cfg, server_momentum=0.0)
+    mech = DPFTRL(task.population, 8, 2.0, 1e-5, l2_norm_clip=0.05)
+    process = mech.build_process(task, cfg)
+    data = cohort.shard_datasets([task.client_dataset(i, 1) for i in (0, 3, 6, 9, 12, 15, 18, 21)], 2)
+    start = process.initialize()
+    w0 = np.concatenate([np.ravel(w) for w in process.get_model_weights(start).trainable])
+
+    def step(seeds):
+        state = process.restart_tree(start, np.array(seeds, np.int64))
+        out = process.next(state, data).state
+        return np.concatenate([np.ravel(w) for w in process.get_model_weights(out).trainable]) - w0
+
+    a, b, c = step([11, 12]), step([11, 12]), step([13, 14])
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert np.std(a) == pytest.approx(2.0 * 0.05 / 8, rel=0.08)

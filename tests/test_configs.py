@@ -37,16 +37,12 @@ def test_every_config_states_its_epsilon():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_config_epsilon_does_not_exceed_what_it_states(path):
     import tasks
-    from tff_pipeline import privacy, train
+    from tff_pipeline import mechanisms, privacy
 
     cfg, stated = read_config(path)
     assert cfg.delta == float(stated.group(2))
     task = tasks.build(cfg)
-    unit = task.default_privacy_unit if cfg.privacy_unit == "auto" else cfg.privacy_unit
-    if unit == "example":
-        pcfg = train.resolve_example_privacy(cfg, task)[0]
-    else:
-        pcfg = train.resolve_privacy(cfg, task.population)[0]
+    pcfg = mechanisms.resolve(cfg, task).mechanism
     eps = privacy.epsilon(pcfg, cfg.rounds)[0]
     print(f"{os.path.basename(path)}: population {task.population}, z = {pcfg.noise_multiplier}, "
           f"ε = {eps:.5f} ≤ {stated.group(1)}")

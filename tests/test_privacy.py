@@ -217,3 +217,49 @@ def test_adaptive_clipping_fix_suggests_only_what_can_work():
     assert "--clients_per_round" not in str(e.value)
     with pytest.raises(PrivacyConfigError, match="raise --clients_per_round to at least 11"):
         PrivacyConfig(1000, 10, 1.0, 1e-5)
+
+
+def test_dp_ftrl_accounting_matches_tensorflow_privacy_tree_restart():
+    """DP-FTRL's run event (one SingleEpochTreeAggregationDpEvent per tree, composed) has the RDP of
+    tensorflow-privacy's compute_rdp_tree_restart for the same trees, and ρ that of compute_zcdp_single_tree
+    summed over trees (one participation per tree)."""
+    from tensorflow_privacy.privacy.analysis import tree_aggregation_accountant as tpa
+
+    from tff_pipeline.mechanisms import DPFTRL
+
+    m = DPFTRL(1139, 20, 1.3, 1e-5)
+    assert m.rounds_per_epoch == 56
+    entries = m.planned_entries(130)
+    assert m.tree_sizes(entries) == [56, 56, 18]
+    orders = [1.5, 2.0, 4.0, 8.0, 16.0, 32.0]
+    got = rdp.RdpAccountant(orders, dp_accounting.NeighboringRelation.REPLACE_SPECIAL).compose(m.compose(entries))
+    want = tpa.compute_rdp_tree_restart(1.3, [56, 56, 18], orders)
+    np.testing.assert_allclose(got._rdp, want, rtol=1e-12)
+    rho = sum(tpa.compute_zcdp_single_tree(1.3, n, 1, n) for n in (56, 56, 18))
+    assert m.zcdp_rho(130) == pytest.approx(rho, rel=1e-12)
+    # A single event over all trees would assume once across the epochs: it must not be what is composed.
+    assert m.epsilon(130)[0] > m.epsilon_of(dp_accounting.SingleEpochTreeAggregationDpEvent(1.3, [56, 56, 18]))[0]
+    # Calibration: the smallest z on the 1e-4 grid.
+    z = privacy.calibrate(lambda z: DPFTRL(1139, 20, z, 1e-5), 130, 8.0, 1e-5)
+    assert DPFTRL(1139, 20, z, 1e-5).epsilon(130)[0] <= 8 < DPFTRL(1139, 20, z - 1e-4, 1e-5).epsilon(130)[0]
+
+
+def test_dp_ftrl_schedule_takes_each_client_at_most_once_per_tree():
+    from tff_pipeline.mechanisms import DPFTRL
+
+    m = DPFTRL(50, 8, 1.0, 1e-5)
+    s = m.sampler()
+    plans = [s.plan(r, 0, None) for r in range(1, 20)]
+    assert [p.tree for p in plans][:8] == [0] * 6 + [1, 1] and [p.restart for p in plans][:7] == [True] + [False] * 5 + [True]
+    for t in {p.tree for p in plans}:
+        ids = np.concatenate([p.clients for p in plans if p.tree == t])
+        assert len(ids) == len(set(ids.tolist()))
+    # Resumed without lost rounds: the epoch goes on; with lost rounds: a new tree.
+    saved = s.state()
+    again = m.sampler()
+    again.restore(saved, False, saved["tree"])
+    assert again.plan(20, 0, None).tree == plans[-1].tree
+    lost = m.sampler()
+    lost.restore(saved, True, saved["tree"])
+    p = lost.plan(20, 0, None)
+    assert p.tree == saved["tree"] + 1 and p.restart

@@ -176,8 +176,8 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
     import os
 
     from tff_pipeline import report
+    from tff_pipeline.io import atomic_write_text
     from tff_pipeline.config import ConfigError, TrainConfig
-    from tff_pipeline.privacy import PrivacyConfig
 
     if not run_dir:
         raise ConfigError("--run_dir is required: a training run's --output_dir")
@@ -198,7 +198,6 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
     if saved.get("privacy_unit") != "client":
         raise ConfigError(f"--run_dir={run_dir}: the audit attacks client-level runs; this run protects "
                           f"{saved.get('privacy_unit')!r} units")
-    pcfg = PrivacyConfig(**saved["privacy"])
     participation = checkpoint.Participation(os.path.join(run_dir, train.OPERATOR_DIR, "participation.jsonl"))
     if not os.path.exists(participation.path):
         raise ConfigError(f"--run_dir={run_dir} has no {participation.path} (the record of who took part, written "
@@ -212,8 +211,8 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
                           f"at the client level has one)")
     model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
     model.load_weights(os.path.join(run_dir, "final_weights.h5"))
-    a = run(task, model, participation.clients(), cfg.seed, pcfg.delta, rep["epsilon"])
-    report.atomic_write_text(train.operator_path(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
+    a = run(task, model, participation.clients(), cfg.seed, float(saved["privacy"]["delta"]), rep["epsilon"])
+    atomic_write_text(train.operator_path(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
     rep["empirical_audit"] = POINTER
     if rep.get("releases") and train.AUDIT_NOT_COVERED not in rep["releases"]["not_covered"]:
         rep["releases"]["not_covered"].append(train.AUDIT_NOT_COVERED)

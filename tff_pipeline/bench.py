@@ -202,7 +202,9 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
     from tff_pipeline import cohort, dp_fedavg, runtime, train
 
     num_workers = runtime.install_context(workers)
-    pcfg, _ = train.resolve_privacy(w.cfg, w.task.population)
+    from tff_pipeline import mechanisms
+
+    pcfg = mechanisms.resolve(w.cfg, w.task).mechanism
     sampler = pcfg.sampler(public_seed=w.cfg.seed)  # timing only: every variant replays the same cohorts
     cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,

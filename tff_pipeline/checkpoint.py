@@ -3,13 +3,13 @@ atomic checkpoints of the full training state.
 
 * ``RunLock``: one process per run directory (``fcntl.flock`` on
   ``.lock``; the kernel drops it when the process dies, even by SIGKILL).
-* ``Ledger``: ``ledger.jsonl``, one line per round result (round, attempt
-  and the round's serialised DpEvent), appended and fsync'ed the moment the
-  round's result exists, before anything of it is shown or saved. The
-  accountant composes one round event per line, so a round that ran, was
-  shown and was then lost in a crash is still counted when it is run again:
-  ε never counts fewer rounds than were released. It holds nothing computed
-  from the data.
+* ``Ledger``: ``ledger.jsonl``, one line per round attempt (round, attempt,
+  the round's serialised DpEvent, and what else the mechanism composes by,
+  e.g. DP-FTRL's tree), appended and fsync'ed before the round runs. ε is the
+  mechanism's composition of the lines (``Mechanism.compose``), so a round
+  that ran, was shown and was then lost in a crash is still counted when it
+  is run again: ε never counts fewer rounds than were released. It holds
+  nothing computed from the data.
 * ``Participation``: ``operator/participation.jsonl``, which clients took
   part in each round and attempt: operator-only (with secret sampling it is
   the secret that amplification relies on); the audit reads it.
@@ -108,14 +108,15 @@ class Ledger:
         draw the same cohort again)."""
         return self._per_round[round_num] + self._per_round[None]
 
-    def append(self, round_num: int, event: dict) -> None:
-        """Records one released round result and its DpEvent (``privacy.event_to_json``)."""
-        entry = {"round": round_num, "attempt": self.attempts(round_num), "event": event}
+    def append(self, round_num: int, fields: dict) -> None:
+        """Records one round before it runs: ``fields`` is the mechanism's ledger entry (its "event" is
+        ``event_to_json`` of the round's DpEvent)."""
+        entry = {"round": round_num, "attempt": self.attempts(round_num), **fields}
         try:
             append_line(self.path, json.dumps(entry))
         except OSError as e:
             raise CheckpointError(f"cannot record round {round_num} in the privacy ledger {self.path} "
-                                  f"({e.strerror}); its result was not shown or saved. Free space (or fix "
+                                  f"({e.strerror}); the round was not run. Free space (or fix "
                                   f"permissions) and re-run the same command to resume") from None
         self.entries.append(entry)
         self._per_round[round_num] += 1

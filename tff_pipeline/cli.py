@@ -19,6 +19,10 @@ HELP = {
     "history": "Traffic task: history window length in time steps.",
     "horizon": "Traffic task: forecast horizon in time steps.",
     "patch_len": "Traffic task: history steps per attention token (PatchTST-style patches).",
+    "mechanism": "DP mechanism: dp_fedavg (DP-FedAvg with adaptive clipping, sampled cohorts), dp_ftrl (DP-FTRL, "
+                 "Kairouz et al. 2021: tree-aggregated noise, no sampling assumption, epochs of shuffled cohorts), "
+                 "dp_sgd (DP-SGD inside each client, record level), or auto (the task's privacy unit's).",
+    "ftrl_clip": "DP-FTRL: the fixed per-client L2 clip norm of the updates.",
     "output_dir": "Run directory for config.json, metrics.csv, privacy_report.*, saved_model/.",
     "rounds": "Federated rounds to run (planned; the accountant counts rounds actually run).",
     "clients_per_round": "Expected (poisson) or exact (fixed) number of clients per round.",
@@ -104,18 +108,7 @@ def check_no_extra_args(argv) -> None:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a --flag (see --help)")
 
 
-class UserError(Exception):
-    pass
-
-
-def user_error_types() -> tuple[type, ...]:
-    from tff_pipeline.config import ConfigError
-    from tff_pipeline.privacy import PrivacyConfigError
-
-    types = [UserError, ConfigError, PrivacyConfigError]
-    if "tff_pipeline.task" in sys.modules:  # imports TensorFlow; planning scripts never load it
-        types.append(sys.modules["tff_pipeline.task"].TaskError)
-    return tuple(types)
+from tff_pipeline.errors import UserError  # noqa: E402  (every user mistake derives from it)
 
 
 def main(fn, needs_tensorflow: bool = True) -> None:
@@ -136,7 +129,7 @@ def main(fn, needs_tensorflow: bool = True) -> None:
     def wrapped(argv):
         try:
             return fn(argv)
-        except user_error_types() as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except BrokenPipeError:  # output piped into e.g. `head`, which closed early

@@ -39,7 +39,6 @@ import collections
 import numpy as np
 
 from tff_pipeline.config import TrainConfig
-from tff_pipeline.privacy import PrivacyConfig
 
 
 def shard_datasets(datasets, num_shards: int):
@@ -95,24 +94,20 @@ def _empty_batch(spec):
     return tf.nest.map_structure(lambda t: tf.zeros([0] + t.shape.as_list()[1:], t.dtype), spec)
 
 
-def dp_query(cfg: TrainConfig, pcfg: PrivacyConfig):
-    """The tensorflow-privacy query of TFF's ``gaussian_adaptive`` factory
-    for these settings (taken from the factory, so the two cannot differ)."""
-    from tff_pipeline import dp_fedavg
+def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
+    """The learning process of a client-level mechanism for ``task``: its DP
+    query is ``mech.make_query(record specs)`` (TFF's ``gaussian_adaptive``
+    for DP-FedAvg, ``tree_aggregation`` for DP-FTRL). ``next(state, shards)``
+    takes ``shard_datasets(client datasets, n)`` for any n ≥ 1.
 
-    return dp_fedavg.build_aggregator(cfg, pcfg)._query  # pinned TFF 0.87; tests compare with TFF's own process
-
-
-def build_process(task, cfg: TrainConfig, pcfg: PrivacyConfig):
-    """The DP-FedAvg learning process for ``task``. ``next(state, shards)``
-    takes ``shard_datasets(client datasets, n)`` for any n ≥ 1."""
+    ``restartable``: the process also gets ``restart_tree(state, seeds)``,
+    which restarts DP-FTRL's noise tree with the given noise seeds."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
     from tff_pipeline import dp_fedavg
 
     model_fn = dp_fedavg.model_fn_for(task, cfg.frozen_layers)
-    query = dp_query(cfg, pcfg)
     lr = float(cfg.client_learning_rate)
     with tf.Graph().as_default():
         model = model_fn()
@@ -120,6 +115,7 @@ def build_process(task, cfg: TrainConfig, pcfg: PrivacyConfig):
         input_spec = model.input_spec
         weights_type = tff.learning.models.weights_type_from_model(model)
     trainable_spec = tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable)
+    query = mech.make_query(trainable_spec)
     shard_type = tff.SequenceType(tff.types.tensorflow_to_type((tf.TensorSpec([], tf.int32), input_spec)))
 
     @tff.tensorflow.computation
@@ -257,4 +253,29 @@ def build_process(task, cfg: TrainConfig, pcfg: PrivacyConfig):
     def set_model_weights(state, weights):
         return state_cls(weights, state.distributor, state.client_work, state.aggregator, state.finalizer)
 
-    return tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)
+    process = tff.learning.templates.LearningProcess(init_fn, next_fn, get_model_weights, set_model_weights)
+    if restartable:
+        process.restart_tree = _restart_tree(query, state_type, state_cls)
+    return process
+
+
+def _restart_tree(query, state_type, state_cls):
+    """(state, seeds) -> state with a new noise tree: the tree query's initial state with the given seeds
+    (NormalizedQuery around TreeResidualSumQuery, as TFF's tree_aggregation builds it)."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation(state_type, tff.TensorType(np.int64, [2]))
+    def restart_tree(state, seeds):
+        # The tree's first leaf noise is drawn when its state is made, so the seeds go in first and the tree is
+        # then made from them by the query's own restart (reset_state), which draws every node from them.
+        fresh = query.initial_global_state()
+        tree = fresh.numerator_state.tree_state
+        generator = tree.value_generator_state._replace(seeds=seeds)
+        numerator = fresh.numerator_state._replace(tree_state=tree._replace(value_generator_state=generator))
+        aggregator = fresh._replace(numerator_state=query._numerator.reset_state(None, numerator))
+        tf.nest.assert_same_structure(aggregator, state.aggregator)
+        return state_cls(state.global_model_weights, state.distributor, state.client_work, aggregator,
+                         state.finalizer)
+
+    return restart_tree

@@ -9,8 +9,14 @@ import math
 from typing import Optional
 
 
-class ConfigError(ValueError):
+from tff_pipeline.errors import UserError
+
+
+class ConfigError(UserError):
     """A setting is invalid; the message names the flag and the fix."""
+
+
+MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +24,10 @@ class TrainConfig:
     task: str = "keyboard"
     output_dir: str = "runs/keyboard"
     rounds: int = 100
-    # Privacy (see tff_pipeline.privacy.PrivacyConfig for the meaning).
+    # The DP mechanism (tff_pipeline.mechanisms): auto = the task's privacy unit's (dp_fedavg for a client,
+    # dp_sgd for an example), or dp_fedavg, dp_ftrl, dp_sgd.
+    mechanism: str = "auto"
+    # Privacy (see tff_pipeline.mechanisms for the meaning).
     clients_per_round: int = 20
     sampling: str = "poisson"
     noise_multiplier: Optional[float] = None
@@ -32,6 +41,8 @@ class TrainConfig:
     target_unclipped_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_stddev: Optional[float] = None
+    # DP-FTRL (Kairouz et al. 2021): the fixed per-client L2 clip norm.
+    ftrl_clip: float = 0.1
     # Unit of privacy: client (DP-FedAvg) or example (DP-SGD inside each
     # client, Abadi et al. 2016); auto = the task's default.
     privacy_unit: str = "auto"
@@ -105,6 +116,9 @@ class TrainConfig:
                  f"infinite; set --noise_multiplier > 0 or --target_epsilon")
         need(self.public_sampling_seed is None or self.public_sampling_seed >= 0,
              f"--public_sampling_seed={self.public_sampling_seed} must be >= 0 (leave it unset for secret sampling)")
+        need(self.mechanism in MECHANISMS,
+             f"--mechanism={self.mechanism!r} must be one of {', '.join(MECHANISMS)}")
+        need(self.ftrl_clip > 0 and math.isfinite(self.ftrl_clip), f"--ftrl_clip={self.ftrl_clip} must be > 0")
         need(self.sampling in ("poisson", "fixed"), f"--sampling={self.sampling!r} must be poisson or fixed")
         need(self.privacy_unit in ("auto", "client", "example"),
              f"--privacy_unit={self.privacy_unit!r} must be auto, client or example")

@@ -19,20 +19,20 @@ from __future__ import annotations
 import collections
 
 from tff_pipeline.config import ConfigError, TrainConfig
-from tff_pipeline.privacy import PrivacyConfig
 from tff_pipeline.task import Task
 
 
-def build_aggregator(cfg: TrainConfig, pcfg: PrivacyConfig):
+def build_aggregator(mech):
+    """TFF's ``gaussian_adaptive`` factory with the settings of a DPFedAvgAdaptive mechanism."""
     import tensorflow_federated as tff
 
     return tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-        noise_multiplier=float(pcfg.noise_multiplier),
-        clients_per_round=float(pcfg.clients_per_round),
-        initial_l2_norm_clip=cfg.initial_clip,
-        target_unclipped_quantile=cfg.target_unclipped_quantile,
-        learning_rate=cfg.clip_learning_rate,
-        clipped_count_stddev=pcfg.clipped_count_stddev,
+        noise_multiplier=float(mech.noise_multiplier),
+        clients_per_round=float(mech.clients_per_round),
+        initial_l2_norm_clip=mech.initial_clip,
+        target_unclipped_quantile=mech.target_unclipped_quantile,
+        learning_rate=mech.clip_learning_rate,
+        clipped_count_stddev=mech.clipped_count_stddev,
     )
 
 
@@ -79,7 +79,7 @@ def server_optimizer(cfg: TrainConfig):
     return opt.build_sgdm(learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum)
 
 
-def build_per_client_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig, guard: bool = True):
+def build_per_client_process(task: Task, cfg: TrainConfig, mech, guard: bool = True):
     """DP-FedAvg as TFF's per-client ``build_unweighted_fed_avg`` (one TF
     computation per client). The pipeline runs ``tff_pipeline.cohort``
     instead, the same algorithm at about half the cost per round. This one is
@@ -88,7 +88,7 @@ def build_per_client_process(task: Task, cfg: TrainConfig, pcfg: PrivacyConfig, 
     reference."""
     import tensorflow_federated as tff
 
-    aggregator = build_aggregator(cfg, pcfg)
+    aggregator = build_aggregator(mech)
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn_for(task, cfg.frozen_layers),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),

@@ -13,11 +13,13 @@ from typing import Any, Optional
 
 from tff_pipeline import privacy, report
 from tff_pipeline.config import ConfigError
+from tff_pipeline.mechanisms import DPFTRL, REGISTRY
 from tff_pipeline.privacy import ExampleLevelConfig, PrivacyConfig, PrivacyConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanRequest:
+    mechanism: Optional[str] = None  # None: dp_fedavg at unit=client, dp_sgd at unit=example
     unit: str = "client"
     population: Optional[int] = None
     clients_per_round: Optional[int] = None
@@ -39,10 +41,27 @@ def _need(value, flag: str, why: str):
     return value
 
 
+def _normalise(req: PlanRequest) -> PlanRequest:
+    """--mechanism sets the unit (--unit defaults to client)."""
+    if req.mechanism is not None and req.mechanism not in REGISTRY:
+        raise ConfigError(f"--mechanism={req.mechanism!r} must be one of {', '.join(REGISTRY)}")
+    if req.mechanism is not None and REGISTRY[req.mechanism].unit != req.unit:
+        if req.unit != "client":
+            raise ConfigError(f"--mechanism={req.mechanism} protects one {REGISTRY[req.mechanism].unit}; drop "
+                              f"--unit={req.unit}")
+        req = dataclasses.replace(req, unit=REGISTRY[req.mechanism].unit)
+    return req
+
+
 def _config_factory(req: PlanRequest, searching: bool = False):
     """z -> the privacy config of the request (client or example level).
     While searching for z, the adaptive-clipping bound on z is not checked
     (the DpEvent does not depend on σ_b); the answer is checked after."""
+    if req.mechanism == "dp_ftrl":
+        why = "with --mechanism=dp_ftrl"
+        pop = _need(req.population, "population", why)
+        cpr = _need(req.clients_per_round, "clients_per_round", why)
+        return lambda z: DPFTRL(pop, cpr, z, req.delta)
     if req.unit == "example":
         why = "with --unit=example"
         n = _need(req.examples_per_client, "examples_per_client", why)
@@ -75,6 +94,7 @@ def plan(req: PlanRequest) -> dict[str, Any]:
     * target ε and rounds: the calibrated noise multiplier.
     * target ε and noise: the number of rounds affordable.
     """
+    req = _normalise(req)
     make = _config_factory(req)
     if not 0 < req.delta < 1:
         raise ConfigError(f"--delta={req.delta} must be in (0, 1)")
@@ -88,7 +108,7 @@ def plan(req: PlanRequest) -> dict[str, Any]:
                               "--noise_multiplier (to solve for rounds), not both")
         if rounds is not None:
             z = privacy.calibrate(_config_factory(req, searching=True), rounds, req.target_epsilon, req.delta)
-            if req.unit == "client":
+            if req.unit == "client" and req.mechanism != "dp_ftrl":
                 privacy.check_calibrated(z, make(1.0).clients_per_round, req.clipped_count_stddev,
                                          req.target_epsilon, rounds, make(1.0).population)
             solved = {"solved_for": "noise_multiplier", "noise_multiplier": z}
@@ -107,7 +127,7 @@ def plan(req: PlanRequest) -> dict[str, Any]:
     cfg = make(z)
     unit = "all of one user's data" if req.unit == "client" else "one record in one client's data"
     rep = report.build(cfg, rounds_run=rounds, rounds_planned=rounds, unit=unit, stop_reason="planned",
-                       kind="plan", mechanism=None,
+                       kind="plan",
                        noise_calibration=({"target_epsilon": req.target_epsilon, "rounds": rounds,
                                            "calibrated_noise_multiplier": z}
                                           if solved.get("solved_for") == "noise_multiplier" else None))
@@ -142,7 +162,8 @@ def rederive(run_dir: str) -> dict[str, Any]:
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-    rel = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if scheme == "poisson"
+    rel = (dp_accounting.NeighboringRelation[rep["accountant_relation"]] if "accountant_relation" in rep else
+           dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if scheme == "poisson"
            else dp_accounting.NeighboringRelation.REPLACE_ONE)
     eps, order = rdp.RdpAccountant(neighboring_relation=rel).compose(event).get_epsilon_and_optimal_order(delta)
     eps_pld = None

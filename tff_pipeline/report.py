@@ -10,162 +10,119 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Any, Optional
 
-from tff_pipeline import privacy
-from tff_pipeline.privacy import PrivacyConfig
+from tff_pipeline.io import atomic_write_text  # noqa: F401  (re-exported for callers of report.atomic_write_text)
+from tff_pipeline.mechanisms.base import event_to_json
 
 OTHER_DELTAS = (1e-4, 1e-5, 1e-6, 1e-7)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write then rename: a crash leaves the old file or the new, never half."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run outputs are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _finite(x: float) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def pld_epsilon(pcfg, rounds: int, delta: Optional[float] = None) -> Optional[float]:
-    """ε from the PLD accountant, a tighter cross-check; None where it does
-    not support the event (sampling without replacement)."""
-    if not pcfg.is_private or rounds == 0 or pcfg.sampling != "poisson":
+def pld_epsilon(mech, rounds: int, delta: Optional[float] = None) -> Optional[float]:
+    """ε from the PLD accountant, a tighter cross-check; None where it does not support the event."""
+    if not mech.is_private or rounds == 0:
         return None
-    from dp_accounting.pld import pld_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant()
-    acc.compose(privacy.training_event(pcfg, rounds))
-    return float(acc.get_epsilon(pcfg.delta if delta is None else delta))
-
-
-def _sampling(pcfg) -> dict[str, Any]:
-    if isinstance(pcfg, privacy.ExampleLevelConfig):
-        return {
-            "scheme": "poisson",
-            "description": "Poisson: inside a client, each example joins each DP-SGD batch independently with "
-                           "probability q",
-            "q": pcfg.sampling_probability,
-            "examples_per_client": pcfg.examples_per_client,
-            "batch_size": pcfg.batch_size,
-            "local_steps_per_round": pcfg.local_steps,
-        }
-    return {
-        "scheme": pcfg.sampling,
-        "description": (
-            "Poisson: each client joins each round independently with probability q"
-            if pcfg.sampling == "poisson"
-            else "fixed-size: exactly clients_per_round clients drawn uniformly without replacement"
-        ),
-        "q": pcfg.sampling_probability,
-        "population": pcfg.population,
-        "clients_per_round": pcfg.clients_per_round,
-    }
-
-
-DP_FEDAVG = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator"
-DP_SGD = "DP-SGD inside each client (Abadi et al. 2016): per-example clipping and Gaussian noise"
+    return mech.pld_epsilon(mech.training_event(rounds), mech.delta if delta is None else delta)
 
 
 def build(
-    pcfg,
+    mech,
     *,
     rounds_run: int,
     rounds_planned: int,
     unit: str,
     stop_reason: str,
+    entries: Optional[list] = None,
     noise_calibration: Optional[dict] = None,
     releases: Optional[dict] = None,
     sampling_secret: bool = True,
     max_participations: Optional[int] = None,
     initialisation: Optional[str] = None,
-    mechanism: Optional[str] = None,
     kind: str = "training run",
     per_client: Optional[dict] = None,
     rounds_accounted: Optional[int] = None,
 ) -> dict[str, Any]:
-    """The report of a run (or, with kind="plan", of a planned run).
+    """The report of a run (or, with kind="plan", of a planned run) of the mechanism ``mech``.
 
-    ``pcfg`` is a PrivacyConfig (client level, DP-FedAvg) or an
-    ExampleLevelConfig (example level, DP-SGD inside clients).
-    ``rounds_accounted``: round results composed by the accountant (the
-    privacy ledger's length: more than ``rounds_run`` when rounds were run
-    again after a crash); default ``rounds_run``.
-    ``releases``: train.release_notes (what the run directory holds: covered,
-    public, not covered). ``sampling_secret`` False: the cohorts came from a
-    public seed; ``max_participations`` then gives ε without amplification."""
-    example = isinstance(pcfg, privacy.ExampleLevelConfig)
-    n = rounds_run if rounds_accounted is None else rounds_accounted
-    eps, order = privacy.epsilon(pcfg, n)
-    private = pcfg.is_private
+    ``entries``: the privacy ledger's lines; ε is the composition of their
+    events (``mech.compose``). Without them (a plan), the ledger a run of
+    ``rounds_accounted`` (default ``rounds_run``) rounds would write.
+    ``releases``: train.release_notes (what the run directory holds).
+    ``sampling_secret`` False: the cohorts came from a public seed;
+    ``max_participations`` then gives ε without amplification."""
+    if entries is None:
+        entries = mech.planned_entries(rounds_run if rounds_accounted is None else rounds_accounted)
+    n = len(entries)
+    event = mech.compose(entries)
+    eps, order = mech.epsilon_of(event) if n else ((0.0, None) if mech.is_private else (math.inf, None))
+    private = mech.is_private
+    client = mech.unit == "client"
+    rho = (mech.zcdp_rho(n, entries) if mech.name == "dp_ftrl" else mech.zcdp_rho(n)) if private and n else None
     report: dict[str, Any] = {
         "kind": kind,
         "differentially_private": private,
-        "mechanism": mechanism or (DP_SGD if example else DP_FEDAVG),
-        "unit_of_privacy": "example (record level)" if example else "client (user level)",
-        "client_is" if not example else "example_is": unit,
-        "neighbouring_relation": pcfg.neighboring_relation,
-        "sampling": _sampling(pcfg),
+        "mechanism": mech.title,
+        "mechanism_name": mech.name,
+        "unit_of_privacy": "client (user level)" if client else "example (record level)",
+        "client_is" if client else "example_is": unit,
+        "neighbouring_relation": mech.relation_text,
+        "accountant_relation": mech.relation.name,
+        "sampling": mech.sampling_section(),
         "rounds_run": rounds_run,
         "rounds_accounted": n,
         "rounds_planned": rounds_planned,
         "stop_reason": stop_reason,
-        "noise_multiplier": pcfg.noise_multiplier,
+        "noise_multiplier": mech.noise_multiplier,
         "noise_calibration": noise_calibration,
-        "delta": pcfg.delta,
+        "delta": mech.delta,
         "epsilon": _finite(eps),
         "accountant": "dp_accounting RdpAccountant",
         "rdp_order": order,
-        "epsilon_pld": _finite(pld_epsilon(pcfg, n)) if private else None,
-        "zcdp_rho": privacy.zcdp_rho(pcfg, n),
+        "epsilon_pld": _finite(mech.pld_epsilon(event, mech.delta)) if private and n else None,
+        "zcdp_rho": rho,
         "zcdp_note": ("zCDP does not capture amplification by subsampling; the subsampled Gaussian is accounted "
-                      "with RDP and PLD" if private and pcfg.sampling_probability < 1 else None),
+                      "with RDP and PLD" if private and rho is None else None),
         "epsilon_at_other_delta": (
-            {f"{d:g}": {"rdp": _finite(privacy.epsilon(dataclasses.replace(pcfg, delta=d), n)[0]),
-                        "pld": _finite(pld_epsilon(pcfg, n, d))}
+            {f"{d:g}": {"rdp": _finite(dataclasses.replace(mech, delta=d).epsilon_of(event)[0]),
+                        "pld": _finite(mech.pld_epsilon(event, d))}
              for d in OTHER_DELTAS}
-            if private else {}
+            if private and n else {}
         ),
-        "event_noise_multiplier": pcfg.event_noise_multiplier if private else None,
-        "recorded_event": privacy.event_to_json(privacy.training_event(pcfg, n)),
+        "event_noise_multiplier": mech.event_noise_multiplier if private else None,
+        "recorded_event": event_to_json(event),
         "sampling_secret": sampling_secret,
         "releases": releases,
         "not_covered": list((releases or {}).get("not_covered", ())) + list((releases or {}).get("not_counted", ())),
         "model_initialisation": initialisation or "random (no pre-training)",
+        "mechanism_rows": [[k, str(v)] for k, v in mech.report_rows()],
     }
-    if not sampling_secret:
+    if mech.name == "dp_ftrl":
+        report["tree_sizes"] = mech.tree_sizes(entries)
+    if not sampling_secret and hasattr(mech, "known_sampling_epsilon"):
         report["max_participations"] = max_participations
-        report["epsilon_known_sampling"] = privacy.known_sampling_epsilon(pcfg, max_participations or 0)
+        report["epsilon_known_sampling"] = mech.known_sampling_epsilon(max_participations or 0)
     if per_client:
         report["per_client"] = per_client
         report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
                                 "(largest sampling rate q)")
-    if not example and pcfg.population <= 50:
-        report["small_population_warning"] = small_population_warning(pcfg, unit)
-    if not example:
-        report["update_noise_multiplier"] = privacy.update_noise_multiplier(pcfg)
-        report["clipped_count_stddev"] = pcfg.effective_clipped_count_stddev
-    report["statement"] = statement(report)
+    if client and mech.population <= 50:
+        report["small_population_warning"] = small_population_warning(mech, unit)
+    if hasattr(mech, "update_noise_multiplier"):
+        report["update_noise_multiplier"] = mech.update_noise_multiplier
+        report["clipped_count_stddev"] = mech.effective_clipped_count_stddev
+    report["statement"] = statement(report, mech)
     return report
 
 
 def small_population_warning(pcfg, unit: str) -> str:
     """What a client-level ε means when there are only a few clients."""
     n, q = pcfg.population, pcfg.sampling_probability
-    z = privacy.update_noise_multiplier(pcfg)  # the share of the noise that lands on the updates
+    # the share of the noise that lands on the updates
+    z = getattr(pcfg, "update_noise_multiplier", pcfg.noise_multiplier)
     text = (f"Only {n} clients: client-level DP protects a whole client ({unit}), i.e. an adversary who sees the "
             f"model cannot tell whether that one client took part. ")
     if q >= 1:
@@ -182,14 +139,16 @@ def small_population_warning(pcfg, unit: str) -> str:
     return text
 
 
-def statement(r: dict[str, Any]) -> str:
+def statement(r: dict[str, Any], mech) -> str:
     """A plain statement in the style of tensorflow-privacy's
     compute_dp_sgd_privacy_statement: what is protected, against which
-    neighbouring relation, under which sampling assumption, what is not."""
+    neighbouring relation, under which sampling assumption, what is not.
+    The mechanism writes the sentence on how it ran (``mech.statement``)."""
     s = r["sampling"]
     example = r["unit_of_privacy"].startswith("example")
-    verb = "will satisfy" if r.get("kind") == "plan" else "satisfies"
-    model = "A model trained this way" if r.get("kind") == "plan" else "This model"
+    plan = r.get("kind") == "plan"
+    verb = "will satisfy" if plan else "satisfies"
+    model = "A model trained this way" if plan else "This model"
     if not r["differentially_private"]:
         return (
             f"No differential privacy: --noise_multiplier=0, so no (ε, δ) guarantee holds for this model. "
@@ -197,40 +156,28 @@ def statement(r: dict[str, Any]) -> str:
             + ("" if example else f" with clipped updates and {s['clients_per_round']} clients per round out of "
                                   f"{s['population']}") + "."
         )
+    eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
     if example:
-        text = (
-            f"{model} {verb} ({r['epsilon']:.4g}, {r['delta']:g})-differential privacy at the example level: "
-            f"the protected unit is one record ({r['example_is']}), and the neighbouring datasets differ by "
-            f"{r['neighbouring_relation']}. Each client runs {r['mechanism']}, {s['local_steps_per_round']} steps "
-            f"per round for {r['rounds_run']} rounds, where each of its {s['examples_per_client']} examples joins "
-            f"each batch independently with probability q = {s['q']:.4g} (Poisson sampling, expected batch "
-            f"{s['batch_size']}), with noise multiplier {r['noise_multiplier']:.6g}. Every round is counted, as if "
-            f"the record's client took part in all of them. ε is computed by the RDP accountant of dp_accounting "
-            f"(order {r['rdp_order']:g})"
-        )
+        text = (f"{model} {verb} ({eps}, {r['delta']:g})-differential privacy at the example level: the protected "
+                f"unit is one record ({r['example_is']}), and the neighbouring datasets differ by "
+                f"{r['neighbouring_relation']}. ")
     else:
-        sampled = (
-            f"each client took part in each round independently with probability q = {s['q']:.4g} (Poisson sampling)"
-            if s["scheme"] == "poisson"
-            else f"each round used exactly {s['clients_per_round']} of {s['population']} clients, drawn without "
-                 f"replacement"
-        )
-        text = (
-            f"{model} {verb} ({r['epsilon']:.4g}, {r['delta']:g})-differential privacy at the client level: "
-            f"the protected unit is one client ({r['client_is']}), and the neighbouring datasets differ by "
-            f"{r['neighbouring_relation']}. It {'will be' if r.get('kind') == 'plan' else 'was'} trained with "
-            f"{r['mechanism']} for {r['rounds_run']} rounds, where {sampled}, with noise multiplier "
-            f"{r['noise_multiplier']:.6g} on the clipped updates and the clipped-count estimate together. ε is "
-            f"computed by the RDP accountant of dp_accounting (order {r['rdp_order']:g})"
-        )
+        text = (f"{model} {verb} ({eps}, {r['delta']:g})-differential privacy at the client level: the protected "
+                f"unit is one client ({r['client_is']}), and the neighbouring datasets differ by "
+                f"{r['neighbouring_relation']}. ")
+    order = "" if r["rdp_order"] is None else f" (order {r['rdp_order']:g})"
+    text += mech.statement(r, plan) + f". ε is computed by the RDP accountant of dp_accounting{order}"
     if r.get("epsilon_pld") is not None:
         text += f"; the PLD accountant gives ε = {r['epsilon_pld']:.4g} for the same event"
-    if s["scheme"] == "fixed" and not example:
-        text += (f"; under replace-one a client moves the clipped sum by twice the clip norm (and its clipped-count "
-                 f"bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
+    text += mech.statement_tail(r)
     if example:
         secret = ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
                   "operating system; no output of the run contains them")  # nothing records DP-SGD's batches
+    elif r.get("mechanism_name") == "dp_ftrl":
+        secret = ("the tree's noise draws from a secret seed taken from the operating system (Python's secrets "
+                  "module) at every new tree, never from the clock; it lives only in the training state "
+                  "(checkpoints/, operator-only). No amplification by sampling is claimed, so the guarantee "
+                  "does not rely on keeping the cohorts secret")
     elif r.get("sampling_secret", True):
         secret = ("client sampling draws from secret operating-system randomness (Python's secrets module) and the "
                   "noise from unseeded random ops that TensorFlow seeds from the operating system; no released "
@@ -250,7 +197,7 @@ def statement(r: dict[str, Any]) -> str:
                  + (f": the client that took part most often ({kmax} round results) has ε = {ek:.4g}"
                     if ek is not None and kmax is not None else "") + ". Use it for research only")
     text += (". The guarantee covers everything computed from the noisy aggregates, including the final model"
-             + ("" if example else " and the clip norms") + ".")
+             + (" and the clip norms" if r.get("mechanism_name") == "dp_fedavg" else "") + ".")
     extra = r.get("rounds_accounted", r["rounds_run"]) - r["rounds_run"]
     if extra > 0:
         text += (f" The run was resumed after a crash and {extra} round result(s) computed before it were lost and "
@@ -290,10 +237,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("Sampling", f"{s['scheme']} — {s['description']}"),
         ("q", f"{s['q']:.6g}"),
     ]
-    if example:
-        rows += [("Examples per client", s["examples_per_client"]), ("Expected batch size", s["batch_size"]),
-                 ("Local DP-SGD steps per round", s["local_steps_per_round"])]
-    else:
+    if not example:
         rows += [("Population (clients)", s["population"]), ("Clients per round", s["clients_per_round"])]
     rows += [
         ("Rounds run / planned", f"{r['rounds_run']} / {r['rounds_planned']}"),
@@ -302,9 +246,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("Model initialisation", r.get("model_initialisation", "")),
         ("Noise multiplier (total)", f"{r['noise_multiplier']:.6g}"),
     ]
-    if not example:
-        rows += [("Noise multiplier on updates", f"{r['update_noise_multiplier']:.6g}"),
-                 ("Clipped-count noise stddev", f"{r['clipped_count_stddev']:.6g}")]
+    rows += [tuple(x) for x in r.get("mechanism_rows", ())]
     rows += [
         ("δ", f"{r['delta']:g}"),
         ("ε (RDP accountant)", eps),
@@ -312,9 +254,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         ("ε (PLD accountant, cross-check)", "n/a" if r["epsilon_pld"] is None else f"{r['epsilon_pld']:.4f}"),
         ("zCDP ρ", f"{r['zcdp_rho']:.6g}" if r.get("zcdp_rho") is not None else f"n/a ({r.get('zcdp_note') or 'no DP'})"),
     ]
-    if not example and r["differentially_private"]:
-        rows.append(("Noise multiplier given to the accountant (std / sensitivity)", f"{r['event_noise_multiplier']:.6g}"))
-    rows.append(("Sampling randomness", "secret (operating system)" if r.get("sampling_secret", True) else
+    if r.get("tree_sizes"):
+        rows.append(("Trees (steps each)", ", ".join(map(str, r["tree_sizes"]))))
+    rows.append(("Sampling randomness", "not relied on (no amplification by sampling claimed); tree noise seeds "
+                 "secret (operating system)" if r.get("mechanism_name") == "dp_ftrl" else
+                 "secret (operating system)" if r.get("sampling_secret", True) else
                  f"**public** (--public_sampling_seed): ε without amplification for the most frequent client = "
                  f"{_fmt(r.get('epsilon_known_sampling'))} ({r.get('max_participations')} round results)"))
     if r.get("noise_calibration"):
@@ -353,7 +297,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "from dp_accounting.rdp import rdp_privacy_accountant as rdp",
         "from tff_pipeline.privacy import event_from_json",
         "r = json.load(open('privacy_report.json'))",
-        "rel = dp_accounting.NeighboringRelation." + ("ADD_OR_REMOVE_ONE" if s["scheme"] == "poisson" else "REPLACE_ONE"),
+        "rel = dp_accounting.NeighboringRelation." + r.get("accountant_relation", "ADD_OR_REMOVE_ONE"),
         "acc = rdp.RdpAccountant(neighboring_relation=rel).compose(event_from_json(r['recorded_event']))",
         "print(acc.get_epsilon(r['delta']))",
         "```",

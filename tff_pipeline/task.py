@@ -7,8 +7,10 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from tff_pipeline.errors import UserError
 
-class TaskError(ValueError):
+
+class TaskError(UserError):
     """The task's data or settings are unusable; the message says how to fix it."""
 
 

@@ -1,0 +1,300 @@
+"""The loop's callbacks (as pfl's ``callback/base.py``): the loop only runs
+rounds; evaluation, metrics, progress, checkpoints, the budget guard,
+export, the report, the audit and the summary hang off it here.
+
+Hooks: ``on_train_begin(run)``, ``before_round(run, r, entry)`` (may stop:
+returns a reason), ``after_round(run, result)`` (may stop, may add eval
+metrics to ``result``), ``on_train_end(run)``. ``run`` is train.Run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+from tff_pipeline.io import atomic_write_text
+from tff_pipeline.rundir import AUDIT_NOT_COVERED, OPERATOR_DIR, operator_path, release_notes
+
+
+@dataclasses.dataclass
+class RoundResult:
+    round_num: int
+    cohort_size: int
+    seconds: float
+    train: dict[str, float]
+    clip: Optional[float]
+    epsilon: Optional[float]
+    eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Callback:
+    """No-op hooks; a callback overrides the ones it needs."""
+
+    def on_train_begin(self, run) -> None:
+        pass
+
+    def before_round(self, run, r: int, entry: dict) -> Optional[str]:
+        return None
+
+    def after_round(self, run, result: RoundResult) -> Optional[str]:
+        return None
+
+    def on_train_end(self, run) -> None:
+        pass
+
+
+class Evaluate(Callback):
+    """Held-out evaluation every --eval_every rounds, at the last round and at a stop (operator-only)."""
+
+    def after_round(self, run, r: RoundResult) -> None:
+        if r.round_num % run.cfg.eval_every == 0 or r.round_num == run.cfg.rounds or run.stop.signal:
+            run.sync_keras_model()
+            r.eval = run.last_eval = run.task.evaluate(run.keras_model)
+
+    def on_train_end(self, run) -> None:
+        run.sync_keras_model()
+        if not run.last_eval or run.rounds_run % run.cfg.eval_every:
+            run.last_eval = run.task.evaluate(run.keras_model)
+
+
+class Checkpointing(Callback):
+    """The full training state every --checkpoint_every rounds, at the last round, at a stop and at the end."""
+
+    def __init__(self, last_saved: int):
+        self.last_saved = last_saved
+
+    def save(self, run, r: int) -> None:
+        from tff_pipeline import checkpoint
+
+        self.last_saved = r
+        checkpoint.save(run.out, r, run.state, {
+            "ledger_entries": len(run.ledger), "pretrain": run.pretrain, "last_eval": run.last_eval,
+            "schedule": run.sampler.state(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, run.cfg.keep_checkpoints)
+
+    def after_round(self, run, r: RoundResult) -> None:
+        if r.round_num % run.cfg.checkpoint_every == 0 or r.round_num == run.cfg.rounds or run.stop.signal:
+            self.save(run, r.round_num)
+
+    def on_train_end(self, run) -> None:
+        if run.rounds_run > self.last_saved:
+            self.save(run, run.rounds_run)  # a budget stop between checkpoints
+
+
+class BudgetGuard(Callback):
+    """--max_epsilon: before a round, stop if recording it would bring ε above the budget."""
+
+    def before_round(self, run, r: int, entry: dict) -> Optional[str]:
+        cap = run.cfg.max_epsilon
+        if cap is None or not run.mech.is_private:
+            return None
+        eps_next = run.mech.epsilon_of(run.mech.compose(run.ledger.entries + [entry]))[0]
+        if eps_next <= cap:
+            return None
+        spent = run.epsilon() if len(run.ledger) else 0.0
+        return (f"privacy budget: round {r} would raise ε from {spent:.4g} to {eps_next:.4g}, above "
+                f"--max_epsilon={cap:g}; stopped after round {r - 1}")
+
+
+class Export(Callback):
+    """saved_model/ and final_weights.h5, each replaced atomically."""
+
+    def on_train_end(self, run) -> None:
+        out, model = run.out, run.keras_model
+        export_dir = os.path.join(out, "saved_model")
+        tmp_dir, old_dir = export_dir + ".tmp", export_dir + ".old.tmp"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        run.log("exporting the SavedModel ...")
+        run.task.export(model, tmp_dir)
+        if os.path.exists(export_dir):
+            os.replace(export_dir, old_dir)
+        os.replace(tmp_dir, export_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        weights_tmp = os.path.join(out, ".tmp-final_weights.h5")
+        model.save_weights(weights_tmp)
+        os.replace(weights_tmp, os.path.join(out, "final_weights.h5"))
+
+
+class Report(Callback):
+    """privacy_report.{json,md} from the ledger's events; with --audit, operator/audit.json."""
+
+    def on_train_end(self, run) -> None:
+        from tff_pipeline import report
+
+        mech, entries = run.mech, run.ledger.entries
+        per_client = None
+        if run.resolved.per_client:
+            per_client = {name: {"examples": c["examples"], "q": c["q"],
+                                 "epsilon": c["mechanism"].epsilon(len(entries))[0] if mech.is_private else None}
+                          for name, c in run.resolved.per_client.items()}
+        rep = report.build(
+            mech, rounds_run=run.rounds_run, rounds_planned=run.cfg.rounds, entries=entries,
+            unit=run.task.record_is if mech.unit == "example" else run.task.privacy_unit,
+            per_client=per_client, stop_reason=run.stop_reason, noise_calibration=run.resolved.calibration,
+            releases=release_notes(run.task, mech, run.cfg.audit, run.sampler.secret),
+            sampling_secret=run.sampler.secret,
+            max_participations=run.participation.max_per_client() if not run.sampler.secret else None,
+            initialisation=None if run.pretrain is None else
+            f"pre-trained centrally on {run.pretrain['source']} for {run.pretrain['epochs']} epochs")
+        if run.cfg.audit:
+            from tff_pipeline import audit
+
+            run.log("auditing: membership inference" + (" and canary exposure" if run.cfg.canaries else "") + " ...")
+            run.audit_result = audit.run(run.task, run.keras_model, run.participation.clients(), run.cfg.seed,
+                                         mech.delta, rep["epsilon"])
+            atomic_write_text(operator_path(run.out, "audit.json"), json.dumps(run.audit_result, indent=2) + "\n")
+            rep["empirical_audit"] = audit.POINTER
+        report.write(run.out, rep)
+        report.plot_run(run.metrics_csv.path, operator_path(run.out, "training_curves.png"), run.task.headline_metric)
+        run.report = rep
+
+
+class Summary(Callback):
+    """operator/summary.json, operator/heldout_by_client.csv and the closing console lines."""
+
+    def on_train_end(self, run) -> None:
+        rep, a = run.report, run.audit_result
+        run.summary = summary = {
+            "mechanism": run.mech.name, "rounds_run": run.rounds_run, "rounds_accounted": len(run.ledger),
+            "stop_reason": run.stop_reason, "epsilon": rep["epsilon"], "delta": run.mech.delta,
+            "eval": run.last_eval,
+            "baselines": {k: v for k, v in run.task.summary.items() if k.startswith("baselines")},
+            "public_pretraining": run.pretrain, "seconds_total": time.monotonic() - run.t_start,
+            "seconds_training": run.train_seconds,
+            "seconds_per_round": run.train_seconds / max(run.rounds_run - run.first_round + 1, 1)}
+        if a:
+            mi = a["membership_inference"]
+            summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
+                                "epsilon_lower_bound": mi["epsilon_lower_bound"],
+                                "canary_exposure_mean": a.get("canary_exposure_mean")}
+        if run.stop.signal:
+            summary["interrupted"] = True
+        atomic_write_text(operator_path(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        self.print(run, rep, summary)
+
+    def print(self, run, rep, summary) -> None:
+        log, out = run.log, run.out
+        log("")
+        log(rep["statement"])
+        log("")
+        overall, by_client = split_eval(run.last_eval, run.task.client_names)
+        log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
+        if by_client:
+            for name, base in run.task.summary.get("baselines_by_client", {}).items():
+                if name in by_client:
+                    by_client[name].update({f"baseline_{k}": v for k, v in base.items()})
+            write_by_client(operator_path(out, "heldout_by_client.csv"), by_client)
+            log(f"held-out per client: {operator_path(out, 'heldout_by_client.csv')} (operator-only)")
+        a = run.audit_result
+        if a:
+            mi = a["membership_inference"]
+            acc_eps = "∞" if rep["epsilon"] is None else f"{rep['epsilon']:.4f}"
+            log(f"audit: membership inference AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
+                f"{mi['epsilon_lower_bound']:.4f} (accountant ε {acc_eps})"
+                + (f"; canary exposure {a['canary_exposure_mean']:.2f} bits" if a.get("canaries") else ""))
+        log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
+        log(f"SavedModel:     {os.path.join(out, 'saved_model')}")
+        log(f"metrics:        {run.metrics_csv.path} (operator-only, like everything in "
+            f"{os.path.join(out, OPERATOR_DIR)})")
+        log(f"wall time {summary['seconds_total']:.1f} s, {summary['seconds_per_round']:.2f} s/round")
+
+
+class MetricsCsv(Callback):
+    """One row per round in metrics.csv, rewritten atomically each round
+    (columns grow as evaluation metrics appear)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _read(self) -> tuple[list[dict], list[str]]:
+        if not os.path.exists(self.path):
+            return [], []
+        with open(self.path, newline="") as f:
+            r = csv.DictReader(f)
+            return list(r), list(r.fieldnames or [])
+
+    def _write(self, rows: list[dict], fields: list[str]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for x in rows:
+            w.writerow({k: x.get(k, "") for k in fields})
+        atomic_write_text(self.path, buf.getvalue())
+
+    def truncate(self, last_round: int) -> None:
+        """Drops rows after ``last_round`` (rounds lost in a crash, re-run on resume)."""
+        rows, fields = self._read()
+        if rows:
+            self._write([x for x in rows if int(x["round"]) <= last_round], fields)
+
+    def after_round(self, run, r: "RoundResult") -> None:
+        row = {"round": r.round_num, "cohort_size": r.cohort_size, "seconds": round(r.seconds, 4),
+               **{f"train_{k}": v for k, v in r.train.items()},
+               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()}}
+        rows, fields = self._read()
+        fields += [k for k in row if k not in fields]
+        self._write(rows + [row], fields)
+
+
+def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
+    """Split a task's evaluation into overall metrics and per-client ones
+    (keys ``<client name>_<metric>``)."""
+    names = sorted(client_names, key=len, reverse=True)
+    overall, by_client = {}, {}
+    for k, v in ev.items():
+        owner = next((n for n in names if k.startswith(n + "_")), None)
+        if owner is None:
+            overall[k] = v
+        else:
+            by_client.setdefault(owner, {})[k[len(owner) + 1:]] = v
+    return overall, by_client
+
+
+def write_by_client(path: str, by_client: dict) -> None:
+    keys = {k for row in by_client.values() for k in row}
+    fields = sorted(k for k in keys if not k.startswith("baseline_")) + sorted(k for k in keys if k.startswith("baseline_"))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["client"] + fields)
+    for name, row in by_client.items():
+        w.writerow([name] + [f"{row[k]:.6g}" if k in row else "" for k in fields])
+    atomic_write_text(path, buf.getvalue())
+
+
+class Progress(Callback):
+    """One line per round: round, time, ETA, loss, clip, ε so far, eval."""
+
+    def __init__(self, total: int, headline: str, out=sys.stdout):
+        self.total, self.headline, self.out = total, headline, out
+        self.start = time.monotonic()
+        self.round_times: list[float] = []
+
+    def after_round(self, run, r: "RoundResult") -> None:
+        if r.round_num == 0:  # public pre-training, not a federated round
+            print(f"round    0/{self.total} | public pre-training {r.seconds:.1f} s | loss {r.train['loss']:.4f} | "
+                  f"{self.headline} {r.eval.get(self.headline, float('nan')):.4f}", file=self.out, flush=True)
+            return
+        self.round_times.append(r.seconds)
+        recent = self.round_times[-10:]
+        eta = (self.total - r.round_num) * (sum(recent) / len(recent))
+        eps = "∞ (no DP)" if r.epsilon is None else f"{r.epsilon:.3f}"
+        line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {_fmt_secs(eta)} | "
+                f"clients {r.cohort_size:>3} | loss {r.train.get('loss', float('nan')):.4f} | "
+                f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ε {eps}")
+        if r.eval:
+            line += f" | {self.headline} {r.eval.get(self.headline, float('nan')):.4f}"
+        print(line, file=self.out, flush=True)
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+

@@ -1,0 +1,275 @@
+"""DP-FedAvg with adaptive clipping: client-level DP with a sampled cohort.
+
+* DP-FedAvg, user-level DP: McMahan et al. 2018, https://arxiv.org/abs/1710.06963.
+* Adaptive clipping: Andrew et al. 2021, https://arxiv.org/abs/1905.03871
+  (TFF's ``DifferentiallyPrivateFactory.gaussian_adaptive``).
+* RDP of the sampled Gaussian: Mironov et al. 2019, https://arxiv.org/abs/1908.10530;
+  without replacement: Wang, Balle, Kasiviswanathan 2019, https://arxiv.org/abs/1808.00087.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+
+import dp_accounting
+from dp_accounting import dp_event as dpe
+
+from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, RoundPlan
+
+SAMPLING_SCHEMES = ("poisson", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPFedAvgAdaptive(Mechanism):
+    """DP-FedAvg with adaptive clipping (one frozen object: relation, sampler, events, process).
+
+    Attributes:
+      population: number of clients that can be sampled (treated as public).
+      clients_per_round: expected (Poisson) or exact (fixed) cohort size.
+      noise_multiplier: z, the total noise multiplier including the share
+        spent on the private clip quantile (Andrew et al. 2021, Thm 1).
+        0 means no DP.
+      delta: the δ of the reported (ε, δ).
+      sampling: "poisson" (add/remove one client, q = clients_per_round /
+        population) or "fixed" (replace one client; without replacement).
+      clipped_count_stddev: σ_b on the clipped count (Andrew et al. 2021,
+        Alg. 1); None = TFF's default 0.05 × clients_per_round.
+      initial_clip, target_unclipped_quantile, clip_learning_rate: C_0, γ and
+        η_C of the geometric clip update (Andrew et al. 2021, Alg. 1).
+    """
+
+    population: int
+    clients_per_round: int
+    noise_multiplier: float
+    delta: float
+    sampling: str = "poisson"
+    clipped_count_stddev: Optional[float] = None
+    initial_clip: float = 0.1
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+
+    name: ClassVar[str] = "dp_fedavg"
+    title: ClassVar[str] = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator"
+    unit: ClassVar[str] = "client"
+
+    def __post_init__(self):
+        check_cohort(self.population, self.clients_per_round)
+        check_noise_delta(self.noise_multiplier, self.delta)
+        if self.sampling not in SAMPLING_SCHEMES:
+            raise PrivacyConfigError(f"--sampling={self.sampling!r} must be one of {', '.join(SAMPLING_SCHEMES)}")
+        if self.clipped_count_stddev is not None and self.clipped_count_stddev < 0:
+            raise PrivacyConfigError(f"--clipped_count_stddev={self.clipped_count_stddev} must be >= 0")
+        check_adaptive_clipping(self.noise_multiplier, self.clients_per_round, self.clipped_count_stddev,
+                                self.population)
+
+    # --- relation and events ---
+    @property
+    def relation(self):
+        return (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if self.sampling == "poisson"
+                else dp_accounting.NeighboringRelation.REPLACE_ONE)
+
+    @property
+    def relation_text(self) -> str:
+        return "add or remove one client" if self.sampling == "poisson" else "replace one client"
+
+    @property
+    def sampling_probability(self) -> float:
+        return self.clients_per_round / self.population
+
+    @property
+    def event_noise_multiplier(self) -> float:
+        """Under add/remove-one a client moves the clipped sum by C and its centred clipped-count bit by 1/2:
+        z. Under replace-one the sum moves by 2C and the bit by 1, so both noise parts are worth half: z/2."""
+        return self.noise_multiplier if self.sampling == "poisson" else self.noise_multiplier / 2
+
+    @property
+    def effective_clipped_count_stddev(self) -> float:
+        if not self.is_private:
+            return 0.0
+        return 0.05 * self.clients_per_round if self.clipped_count_stddev is None else self.clipped_count_stddev
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The share of z applied to the clipped updates: (z^-2 - (2 σ_b)^-2)^-1/2 (Andrew et al. 2021, Thm 1)."""
+        if not self.is_private:
+            return 0.0
+        return (self.noise_multiplier**-2 - (2 * self.effective_clipped_count_stddev) ** -2) ** -0.5
+
+    def round_event(self) -> dpe.DpEvent:
+        if not self.is_private:
+            return dpe.NonPrivateDpEvent()
+        gaussian = dpe.GaussianDpEvent(self.event_noise_multiplier)
+        if self.sampling == "poisson":
+            return dpe.PoissonSampledDpEvent(self.sampling_probability, gaussian)
+        return dpe.SampledWithoutReplacementDpEvent(self.population, self.clients_per_round, gaussian)
+
+    def pld_epsilon(self, event, delta: float) -> Optional[float]:
+        if not self.is_private or self.sampling != "poisson" or isinstance(event, dpe.NoOpDpEvent):
+            return None
+        from dp_accounting.pld import pld_privacy_accountant
+
+        return float(pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta))
+
+    def zcdp_rho(self, rounds: int) -> Optional[float]:
+        """ρ = rounds/(2 σ²) of the un-subsampled Gaussian (q = 1; Bun & Steinke 2016); None when subsampled."""
+        if not self.is_private or self.sampling_probability < 1:
+            return None
+        return rounds / (2 * self.event_noise_multiplier**2)
+
+    def known_sampling_epsilon(self, max_participations: int) -> Optional[float]:
+        """ε of the most frequent participant when the cohorts are known (public seed): plain Gaussians."""
+        if not self.is_private:
+            return None
+        if max_participations == 0:
+            return 0.0
+        return self.epsilon_of(dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(self.event_noise_multiplier),
+                                                       max_participations))[0]
+
+    # --- schedule ---
+    def sampler(self, public_seed: Optional[int] = None) -> "ClientSampler":
+        return ClientSampler(self, public_seed)
+
+    # --- TFF ---
+    def make_query(self, record_specs=None):
+        """The tensorflow-privacy query of TFF's ``gaussian_adaptive`` factory (taken from the factory)."""
+        from tff_pipeline import dp_fedavg
+
+        return dp_fedavg.build_aggregator(self)._query  # pinned TFF 0.87; tests compare with TFF's own process
+
+    def build_process(self, task, cfg):
+        from tff_pipeline import cohort
+
+        return cohort.build_process(task, cfg, self)
+
+    def read_round(self, m: dict[str, float]) -> tuple[dict[str, float], Optional[float]]:
+        """(operator metrics, the clip norm of the round) from the process's flattened measurements."""
+        clip = next((v for k, v in m.items() if k.endswith("dp_query_metrics/clip")), None)
+        return train_metrics(m), clip
+
+    # --- report ---
+    def sampling_section(self) -> dict[str, Any]:
+        return {
+            "scheme": self.sampling,
+            "description": ("Poisson: each client joins each round independently with probability q"
+                            if self.sampling == "poisson"
+                            else "fixed-size: exactly clients_per_round clients drawn uniformly without replacement"),
+            "q": self.sampling_probability, "population": self.population,
+            "clients_per_round": self.clients_per_round,
+        }
+
+    def report_rows(self) -> list[tuple[str, Any]]:
+        rows = [("Noise multiplier on updates", f"{self.update_noise_multiplier:.6g}"),
+                ("Clipped-count noise stddev", f"{self.effective_clipped_count_stddev:.6g}")]
+        if self.is_private:
+            rows.append(("Noise multiplier given to the accountant (std / sensitivity)",
+                         f"{self.event_noise_multiplier:.6g}"))
+        return rows
+
+    def statement(self, r: dict[str, Any], kind_plan: bool) -> str:
+        s = r["sampling"]
+        sampled = (f"each client took part in each round independently with probability q = {s['q']:.4g} "
+                   f"(Poisson sampling)" if self.sampling == "poisson"
+                   else f"each round used exactly {s['clients_per_round']} of {s['population']} clients, drawn "
+                        f"without replacement")
+        text = (f"It {'will be' if kind_plan else 'was'} trained with {r['mechanism']} for {r['rounds_run']} "
+                f"rounds, where {sampled}, with noise multiplier {r['noise_multiplier']:.6g} on the clipped "
+                f"updates and the clipped-count estimate together")
+        return text
+
+    def statement_tail(self, r: dict[str, Any]) -> str:
+        if self.sampling != "fixed":
+            return ""
+        return (f"; under replace-one a client moves the clipped sum by twice the clip norm (and its clipped-count "
+                f"bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
+
+
+def train_metrics(m: dict[str, float]) -> dict[str, float]:
+    """The operator's per-round training metrics from the flattened measurements."""
+    train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
+    if "client_work/fraction_clipped" in m:
+        train["fraction_clipped"] = m["client_work/fraction_clipped"]
+    for k, v in m.items():
+        if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed")):
+            train[k.split("/")[-1]] = v
+    return train
+
+
+class ClientSampler:
+    """Draws each round's cohort exactly as the accountant assumes.
+
+    By default every draw uses fresh secret randomness (``secrets``, the OS's
+    entropy), which no output of the run contains: amplification by sampling
+    needs the cohorts to be unknown to whoever sees the model. A resumed run,
+    and a round run again after a crash, simply draws anew: each draw is
+    independent, which is what the accountant composes.
+
+    ``public_seed`` (research only, opt-in) makes the cohorts a function of
+    (seed, round, attempt), reproducible and therefore NOT secret: against
+    anyone who knows the seed, the amplified ε does not hold (the report then
+    also gives ε without amplification, ``epsilon_known_sampling``).
+    """
+
+    def __init__(self, mech: DPFedAvgAdaptive, public_seed: Optional[int] = None):
+        self.cfg = mech
+        self.public_seed = public_seed
+
+    @property
+    def secret(self) -> bool:
+        return self.public_seed is None
+
+    def sample(self, round_num: int, attempt: int = 0) -> np.ndarray:
+        """The cohort of ``round_num`` (``attempt`` > 0: the round run again after a crash)."""
+        if self.public_seed is None:
+            rng = np.random.default_rng(secrets.randbits(128))
+        else:
+            rng = np.random.default_rng([self.public_seed, round_num, 0x5A3] + ([attempt] if attempt else []))
+        n = self.cfg.population
+        if self.cfg.sampling == "poisson":
+            return np.flatnonzero(rng.random(n) < self.cfg.sampling_probability)
+        return np.sort(rng.choice(n, size=self.cfg.clients_per_round, replace=False))
+
+    def plan(self, round_num: int, attempt: int, ledger) -> RoundPlan:
+        return RoundPlan(self.sample(round_num, attempt))
+
+    def state(self) -> dict:
+        return {}
+
+
+def check_cohort(population: int, clients_per_round: int) -> None:
+    if population < 1:
+        raise PrivacyConfigError(f"population={population}: the task has no training clients")
+    if clients_per_round < 1:
+        raise PrivacyConfigError(f"--clients_per_round={clients_per_round} must be at least 1")
+    if clients_per_round > population:
+        raise PrivacyConfigError(f"--clients_per_round={clients_per_round} exceeds the population of {population} "
+                                 f"training clients; use at most {population}")
+
+
+def check_noise_delta(noise_multiplier: float, delta: float) -> None:
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise PrivacyConfigError(f"--noise_multiplier={noise_multiplier} must be a finite number >= 0 (0 means no DP)")
+    if not (0 < delta < 1):
+        raise PrivacyConfigError(f"--delta={delta} must be in (0, 1); use e.g. 1/population or smaller")
+
+
+def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, clipped_count_stddev: Optional[float],
+                            population: Optional[int] = None) -> None:
+    """Adaptive clipping splits z between the update and the clipped count: the update gets
+    z_u = (z^-2 - (2 σ_b)^-2)^-1/2 (Andrew et al. 2021, Thm 1), which exists only if z < 2 σ_b."""
+    if noise_multiplier <= 0:
+        return
+    sb = 0.05 * clients_per_round if clipped_count_stddev is None else clipped_count_stddev
+    if noise_multiplier >= 2 * sb:
+        need = noise_multiplier / 2 * 1.25
+        clients = math.floor(noise_multiplier / 0.1) + 1  # the default σ_b = 0.05 x clients_per_round
+        more = (f"raise --clients_per_round to at least {clients}, " if clipped_count_stddev is None
+                and (population is None or clients <= population) else "")
+        raise PrivacyConfigError(
+            f"--noise_multiplier={noise_multiplier} is too large for adaptive clipping with "
+            f"clipped_count_stddev={sb:g} (must be < 2 x clipped_count_stddev); set "
+            f"--clipped_count_stddev to e.g. {need:.3g}, {more}or lower --noise_multiplier")

