@@ -82,12 +82,17 @@ def main(argv):
                 print(f"{name:9s} {v:10s} {a:.4f} s per client per round (+{b:.3f} s)  from " +
                       ", ".join(f"{c}: {s:.3f}" for c, s in pts))
     print()
-    print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s}  (peak RSS MB)")
+    print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s} "
+          f"{'per-round ratio min/med/max':>28s} {'+MB build/rounds':>17s}  (peak RSS MB)")
     for r in results:
         for v, m in r["variants"].items():
             ratio = m.get("ratio_to_central")
+            sp = m.get("ratio_per_round_spread")
+            spread = "" if sp is None else f"{sp['min']:.2f}/{sp['median']:.2f}/{sp['max']:.2f}"
+            mg = m["memory_growth_mb"]
             print(f"{r['workload']:9s} {v:10s} {m['median_s_per_round']:8.3f} {m['examples_per_s']:9.0f} "
-                  f"{'' if ratio is None else f'{ratio:9.2f}'}")
+                  f"{'' if ratio is None else f'{ratio:.2f}':>9s} {spread:>28s} "
+                  f"{mg['build_mb']:8.0f}/{mg['rounds_mb']:<8.0f}")
         print(f"{r['workload']:9s} {'':10s} {'':8s} {'':9s} {'':9s}  {r['peak_rss_mb']:.0f}")
     if FLAGS.output:
         from tff_pipeline.io import atomic_write_text

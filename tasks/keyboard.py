@@ -32,6 +32,8 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Task, TaskError
 
+from tasks._common import batched_outputs, local_dataset, save_serving, update_metrics
+
 PAD, OOV, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<oov>", "<bos>", "<eos>"]
 PUBLIC_PLAYS = (
@@ -283,11 +285,10 @@ def phrase_log_perplexity(model, prefix: list[int], secrets: np.ndarray, seq_len
     x[:, 1 : 1 + len(prefix)] = prefix
     x[:, 1 + len(prefix) : 1 + len(prefix) + k] = secrets
     out = []
-    for s in range(0, n, EVAL_BATCH):
-        logp = tf.nn.log_softmax(models.inference_fn(model)(x[s : s + EVAL_BATCH])).numpy()
-        pos = np.arange(len(prefix), len(prefix) + k)  # position t predicts token t+1
-        rows = np.arange(len(logp))[:, None]
-        out.append(-logp[rows, pos[None, :], secrets[s : s + EVAL_BATCH]].sum(1))
+    pos = np.arange(len(prefix), len(prefix) + k)  # position t predicts token t+1
+    for s, logits in batched_outputs(model, x, EVAL_BATCH):
+        logp = tf.nn.log_softmax(logits).numpy()
+        out.append(-logp[np.arange(len(logp))[:, None], pos[None, :], secrets[s : s + EVAL_BATCH]].sum(1))
     return np.concatenate(out)
 
 
@@ -297,12 +298,7 @@ def build(cfg) -> Task:
     exclude = (PAD, OOV, EOS)
 
     def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
-        x, y = data.train_x[i], data.train_y[i]
-        if len(x) > cfg.max_client_examples:
-            pick = np.random.default_rng([round_seed, i]).choice(len(x), cfg.max_client_examples, replace=False)
-            x, y = x[pick], y[pick]
-        ds = tf.data.Dataset.from_tensor_slices((x, y))
-        return ds.shuffle(len(x), seed=round_seed).repeat(cfg.local_epochs).batch(cfg.batch_size)
+        return local_dataset(data.train_x[i], data.train_y[i], i, round_seed, cfg)
 
     def build_model():
         return models.causal_transformer_lm(
@@ -319,23 +315,13 @@ def build(cfg) -> Task:
     def evaluate(model: tf.keras.Model) -> dict[str, float]:
         out = {}
         for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
-            ms = metrics()
-            infer = models.inference_fn(model)
-            for start in range(0, len(x), EVAL_BATCH):
-                logits = infer(x[start : start + EVAL_BATCH])
-                for m in ms:
-                    m.update_state(y[start : start + EVAL_BATCH], logits)
-            vals = {m.name: float(m.result()) for m in ms}
+            vals = update_metrics(model, metrics(), x, y, EVAL_BATCH)
             vals["perplexity"] = float(np.exp(vals["token_loss"]))
             out.update({f"{split}_{k}": v for k, v in vals.items()})
         return out
 
     def client_loss(model, x, y) -> float:
-        m = models.MaskedTokenLoss(PAD)
-        infer = models.inference_fn(model)
-        for start in range(0, len(x), EVAL_BATCH):
-            m.update_state(y[start : start + EVAL_BATCH], infer(x[start : start + EVAL_BATCH]))
-        return float(m.result())
+        return update_metrics(model, [models.MaskedTokenLoss(PAD, name="token_loss")], x, y, EVAL_BATCH)["token_loss"]
 
     def audit(model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:
         """Scores for the attacks, one per client, calibrated to the client's
@@ -417,5 +403,4 @@ def export_lm(model: tf.keras.Model, vocab: list[str], seq_len: int, path: str) 
             probs = tf.nn.softmax(tf.gather(logits, last, batch_dims=1), axis=-1)
             return {"next_word_probabilities": probs}
 
-    module = LanguageModel()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    save_serving(LanguageModel(), path)

@@ -31,6 +31,8 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Task, TaskError, numeric_column
 
+from tasks._common import save_serving
+
 # name: (centre, scale) from clinical reference values, not from the data.
 NUMERIC = {
     "age": (55.0, 10.0),        # years
@@ -203,7 +205,7 @@ def build(cfg) -> Task:
         out, ys, ps = {}, [], []
         for c in clients:
             x, y = c["test"]
-            p = tf.sigmoid(model(x, training=False)).numpy()[:, 0]
+            p = tf.sigmoid(models.inference_fn(model)(x)).numpy()[:, 0]
             ys.append(y), ps.append(p)
             for k, v in binary_metrics(y, p).items():
                 out[f"{c['name']}_{k}"] = v
@@ -269,5 +271,4 @@ def export_classifier(model: tf.keras.Model, path: str) -> None:
             x = tf.stack(vals + flags + cats, axis=1)
             return {"probability": tf.sigmoid(self.model(x, training=False))[:, 0]}
 
-    module = Classifier()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    save_serving(Classifier(), path)

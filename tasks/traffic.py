@@ -33,6 +33,8 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Task, TaskError, numeric_column
 
+from tasks._common import save_serving
+
 TEST_FRACTION = 0.2
 N_FEAT = 6  # value, missing flag, sin/cos hour of day, sin/cos day of week
 EVAL_STRIDE = 1  # a test window starts at every test hour (all sensors)
@@ -427,5 +429,4 @@ def export_forecaster(model: tf.keras.Model, history: int, horizon: int, path: s
                           tf.sin(2 * np.pi * dow / 7), tf.cos(2 * np.pi * dow / 7)], axis=-1)
             return {"forecast": self.model(x, training=False) * sd + mu}
 
-    module = Forecaster()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    save_serving(Forecaster(), path)

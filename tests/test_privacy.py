@@ -263,3 +263,11 @@ def test_dp_ftrl_schedule_takes_each_client_at_most_once_per_tree():
     lost.restore(saved, True, saved["tree"])
     p = lost.plan(20, 0, None)
     assert p.tree == saved["tree"] + 1 and p.restart
+
+
+def test_every_registered_mechanism_is_a_choice_of_the_flag():
+    from tff_pipeline import config, mechanisms
+
+    assert set(config.MECHANISMS) == {"auto", *mechanisms.REGISTRY}
+    for name, cls in mechanisms.REGISTRY.items():
+        assert cls.name == name and cls.unit in ("client", "example") and cls.title

@@ -42,16 +42,28 @@ class Workload:
     description: str
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a process, in MB; 0 if unreadable."""
+def _peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """VmHWM (peak resident set) or VmRSS (current) of a process, in MB; 0 if unreadable."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def _rss_mb() -> float:
+    """Resident memory now of this process and the local TFF worker(s), in MB."""
+    from tff_pipeline import runtime
+
+    return _peak_rss_mb(os.getpid(), "VmRSS") + sum(_peak_rss_mb(p.pid, "VmRSS") for p in runtime._processes)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of a list of per-round values."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
 def _synthetic_task(name: str, build_model, loss, make_client, population: int, batch_size: int):
@@ -210,9 +222,9 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
            "population": w.task.population, "workers": list(workers) or ["local"],
            "rounds_measured": rounds, "variants": {}}
-    steps, build_s = {}, {}
+    steps, build_s, mem = {}, {}, {v: {"build_mb": 0.0, "rounds_mb": 0.0} for v in variants}
     for variant in variants:
-        t0 = time.monotonic()
+        t0, m0 = time.monotonic(), _rss_mb()
         if variant == "central":
             steps[variant] = _central_round(w.task, w.cfg)
         else:
@@ -222,6 +234,7 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
                 process = dp_fedavg.build_per_client_process(w.task, w.cfg, pcfg, guard=variant == "per_client")
             steps[variant] = _process_round(process, variant == "pipeline", num_workers)
         build_s[variant] = time.monotonic() - t0
+        mem[variant]["build_mb"] = _rss_mb() - m0
     times = {v: [] for v in variants}
     first, examples = {}, []
     for r, ids in enumerate(cohorts):
@@ -229,9 +242,10 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
         if r:
             examples.append(_count_examples(data))
         for variant in variants:
-            t = time.monotonic()
+            m0, t = _rss_mb(), time.monotonic()
             steps[variant](data)
             dt = time.monotonic() - t
+            mem[variant]["rounds_mb"] += max(0.0, _rss_mb() - m0)  # growth while this variant ran
             if r:  # round 0 is the warm-up (tracing)
                 times[variant].append(dt)
             else:
@@ -245,19 +259,25 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
         med = statistics.median(times[variant])
         out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": ex / med,
                                     "build_s": build_s[variant], "first_round_s": first[variant],
-                                    "s_per_round": times[variant]}
+                                    "s_per_round": times[variant], "s_per_round_spread": spread(times[variant]),
+                                    # resident memory added while this variant was built, and while its rounds
+                                    # ran (summed positive growth): the variants share one process
+                                    "memory_growth_mb": mem[variant]}
     c = out["variants"].get("central", {}).get("median_s_per_round")
     if c:
         for v in out["variants"].values():
             v["ratio_to_central"] = v["median_s_per_round"] / c
             # the same ratio round by round (both ran on that round's data), then the median: robust to drift
-            v["median_ratio_per_round"] = statistics.median(
-                a / b for a, b in zip(v["s_per_round"], out["variants"]["central"]["s_per_round"]))
+            ratios = [a / b for a, b in zip(v["s_per_round"], out["variants"]["central"]["s_per_round"])]
+            v["median_ratio_per_round"] = statistics.median(ratios)
+            v["ratio_per_round_spread"] = spread(ratios)  # the target is held on its median
     for v, m in out["variants"].items():
         log(f"{w.name:9s} {v:10s} {m['median_s_per_round']:7.3f} s/round  {m['examples_per_s']:9.0f} ex/s  "
             f"build {m['build_s']:5.1f} s  first round {m['first_round_s']:6.2f} s" +
-            (f"  {m['ratio_to_central']:.2f}x central (round by round {m['median_ratio_per_round']:.2f}x)"
-             if c else ""))
+            (f"  {m['ratio_to_central']:.2f}x central (round by round min/median/max "
+             f"{m['ratio_per_round_spread']['min']:.2f}/{m['median_ratio_per_round']:.2f}/"
+             f"{m['ratio_per_round_spread']['max']:.2f}x)" if c else "")
+            + f"  memory +{m['memory_growth_mb']['build_mb']:.0f} MB build, +{m['memory_growth_mb']['rounds_mb']:.0f} MB rounds")
     log(f"{w.name:9s} peak RSS (Python + local worker) {rss:7.0f} MB")
     return out
 

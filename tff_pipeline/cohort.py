@@ -134,77 +134,10 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
 
     params_type = derive_params.type_signature.result
 
-    def make_shard_update():
-        model = model_fn()
-        keras_model, loss_fn, metrics = model._keras_model, task.loss(), model.get_metrics()
-        weights = tff.learning.models.ModelWeights.from_model(model)
-        trainable = list(weights.trainable)
-        template = query.initial_sample_state(trainable_spec)
-        acc = tf.nest.map_structure(lambda t: tf.Variable(tf.zeros_like(t), trainable=False), template)
-        current = tf.Variable(-1, dtype=tf.int32, trainable=False)
-        clients = tf.Variable(0, dtype=tf.int32, trainable=False)
-        zeroed = tf.Variable(0, dtype=tf.int32, trainable=False)
-
-        @tf.function  # automatic control dependencies: every assignment runs, in program order
-        def shard_update(initial, params, shard):
-            for v in tf.nest.flatten(acc):
-                v.assign(tf.zeros_like(v))
-            current.assign(-1)
-            clients.assign(0)
-            zeroed.assign(0)
-
-            def start_client(slot):
-                tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
-                current.assign(slot)
-                clients.assign_add(1)
-
-            def finish_client():
-                delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
-                finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
-                all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
-                delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
-                zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
-                record = query.preprocess_record(params, tuple(delta))
-                summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
-                tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)
-
-            # tf.not_equal, not !=: inside a TFF computation's graph, != on tensors is Python identity.
-            for slot, batch in shard:
-                if tf.not_equal(slot, current.read_value()):
-                    if tf.greater_equal(current.read_value(), 0):
-                        finish_client()
-                    start_client(slot)
-                x, y = batch
-                with tf.GradientTape() as tape:
-                    predictions = keras_model(x, training=True)
-                    batch_loss = loss_fn(y, predictions)
-                    loss = tf.add_n([batch_loss] + keras_model.losses)  # as TFF's forward_pass
-                # TFF's metrics, but the loss metric takes this batch loss instead of computing it again.
-                # (An empty batch stands for a client without data: Keras gives it loss 0 and zero
-                # gradients, and it is kept out of the metrics.)
-                if tf.shape(predictions)[0] > 0:
-                    for m in metrics:
-                        if m.name == "loss":
-                            tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
-                        else:
-                            m.update_state(y, predictions)
-                for v, g in zip(trainable, tape.gradient(loss, trainable)):
-                    if g is None:
-                        continue
-                    if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
-                        v.scatter_sub(tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
-                    else:
-                        v.assign_sub(lr * g)
-            if tf.greater_equal(current.read_value(), 0):
-                finish_client()
-            return (tf.nest.map_structure(tf.identity, acc), model.report_local_unfinalized_metrics(),
-                    clients.read_value(), zeroed.read_value())
-
-        return shard_update
 
     @tff.tensorflow.computation(weights_type, params_type, shard_type)
     def shard_update(initial, params, shard):
-        return make_shard_update()(initial, params, shard)
+        return _make_shard_update(model_fn, task.loss, query, trainable_spec, lr)(initial, params, shard)
 
     record_sum_type = shard_update.type_signature.result[0]
 
@@ -212,6 +145,18 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     def noised_mean(record_sum, state):
         result, new_state, _ = query.get_noised_result(record_sum, state)
         return result, new_state, query.derive_metrics(new_state)
+
+    return _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
+                     initial_query_state, derive_params, shard_update, noised_mean)
+
+
+def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
+              initial_query_state, derive_params, shard_update, noised_mean):
+    """The LearningProcess from TFF's broadcast distributor, the shard computations and TFF's optimizer
+    finalizer; its state is TFF's LearningAlgorithmState."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg
 
     metrics_agg = tff.learning.metrics.sum_then_finalize(metric_finalizers)
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
@@ -257,6 +202,82 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     if restartable:
         process.restart_tree = _restart_tree(query, state_type, state_cls)
     return process
+
+
+def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
+    """The TF function that trains a shard's clients one after another from the broadcast model and
+    returns the sum of their clipped records (see the module docstring)."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg
+
+    model = model_fn()
+    keras_model, loss_fn, metrics = model._keras_model, loss(), model.get_metrics()
+    weights = tff.learning.models.ModelWeights.from_model(model)
+    trainable = list(weights.trainable)
+    template = query.initial_sample_state(trainable_spec)
+    acc = tf.nest.map_structure(lambda t: tf.Variable(tf.zeros_like(t), trainable=False), template)
+    current = tf.Variable(-1, dtype=tf.int32, trainable=False)
+    clients = tf.Variable(0, dtype=tf.int32, trainable=False)
+    zeroed = tf.Variable(0, dtype=tf.int32, trainable=False)
+
+    @tf.function  # automatic control dependencies: every assignment runs, in program order
+    def shard_update(initial, params, shard):
+        for v in tf.nest.flatten(acc):
+            v.assign(tf.zeros_like(v))
+        current.assign(-1)
+        clients.assign(0)
+        zeroed.assign(0)
+
+        def start_client(slot):
+            tf.nest.map_structure(lambda v, t: v.assign(t), weights, initial)
+            current.assign(slot)
+            clients.assign_add(1)
+
+        def finish_client():
+            delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
+            finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
+            all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
+            delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+            zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
+            record = query.preprocess_record(params, tuple(delta))
+            summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
+            tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)
+
+        # tf.not_equal, not !=: inside a TFF computation's graph, != on tensors is Python identity.
+        for slot, batch in shard:
+            if tf.not_equal(slot, current.read_value()):
+                if tf.greater_equal(current.read_value(), 0):
+                    finish_client()
+                start_client(slot)
+            x, y = batch
+            with tf.GradientTape() as tape:
+                predictions = keras_model(x, training=True)
+                batch_loss = loss_fn(y, predictions)
+                loss = tf.add_n([batch_loss] + keras_model.losses)  # as TFF's forward_pass
+            # TFF's metrics, but the loss metric takes this batch loss instead of computing it again.
+            # (An empty batch stands for a client without data: Keras gives it loss 0 and zero
+            # gradients, and it is kept out of the metrics.)
+            if tf.shape(predictions)[0] > 0:
+                for m in metrics:
+                    if m.name == "loss":
+                        tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
+                    else:
+                        m.update_state(y, predictions)
+            for v, g in zip(trainable, tape.gradient(loss, trainable)):
+                if g is None:
+                    continue
+                if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
+                    v.scatter_sub(tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+                else:
+                    v.assign_sub(lr * g)
+        if tf.greater_equal(current.read_value(), 0):
+            finish_client()
+        return (tf.nest.map_structure(tf.identity, acc), model.report_local_unfinalized_metrics(),
+                clients.read_value(), zeroed.read_value())
+
+    return shard_update
 
 
 def _restart_tree(query, state_type, state_cls):

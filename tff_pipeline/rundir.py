@@ -167,12 +167,16 @@ def check_resume_compatible(cfg: TrainConfig, previous: dict, mech, path: str) -
         raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
                           f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "
                           f"another --output_dir")
-    # The flags are equal; what derives from the data can still differ: the
-    # population, and z when calibrated from --target_epsilon.
+    # The flags are equal; what derives from the data can still differ (the population, z when calibrated
+    # from --target_epsilon): every field of the mechanism object must be what the run being resumed used.
     prev_p = previous.get("privacy", {})
     now = dataclasses.asdict(mech)
-    for k in ("population", "noise_multiplier"):
-        if k in prev_p and k in now and prev_p[k] != now[k]:
+    if previous.get("mechanism", mech.name) != mech.name:
+        raise ConfigError(f"cannot resume {path}: it was trained with {previous['mechanism']}, not {mech.name}; "
+                          f"the privacy accounting must describe one mechanism. Start a new run in another "
+                          f"--output_dir")
+    for k in now:
+        if k in prev_p and prev_p[k] != now[k]:
             raise ConfigError(f"cannot resume {path}: the {k.replace('_', ' ')} is now {now[k]!r} but the run "
                               f"being resumed used {prev_p[k]!r} (the data or a setting changed); the privacy "
                               f"accounting must describe one mechanism. Start a new run in another --output_dir")

@@ -189,11 +189,15 @@ def _setup(cfg, log, t_start, previous, stale, defaulted) -> tuple[Run, Optional
     from tff_pipeline import checkpoint, mechanisms, runtime
 
     task = tasks.build(cfg)
+    unit = mechanisms.REGISTRY[mechanisms.name_for(cfg, task)].unit
+    if cfg.audit and (task.audit is None or unit != "client"):  # a capability the task lacks: before anything
+        raise ConfigError(f"--audit: task {task.name!r} has no membership-inference audit at the {unit} level "
+                          f"(only keyboard at --privacy_unit=client has one); run without --audit")
     resolved = mechanisms.resolve(cfg, task)
     mech = resolved.mechanism
-    if cfg.audit and (task.audit is None or mech.unit != "client"):
-        raise ConfigError(f"--audit: task {task.name!r} has no membership-inference audit at the {mech.unit} level "
-                          f"(only keyboard at --privacy_unit=client has one); run without --audit")
+    if cfg.public_pretrain_epochs and task.public_data is None:
+        raise ConfigError(f"--public_pretrain_epochs={cfg.public_pretrain_epochs}: task {task.name!r} has no "
+                          f"public data; use --public_pretrain_epochs=0")
     if resolved.calibration and defaulted:
         resolved.calibration["task_default"] = True
     runtime.check_reachable(cfg.worker_addresses)  # an unreachable --workers fails here, before anything changes
@@ -317,14 +321,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
 
 def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[str, Any]:
     """Central training on the task's public data (no client's data, so no
-    privacy cost); the federated rounds start from these weights."""
-    if task.public_data is None:
-        raise ConfigError(f"--public_pretrain_epochs={cfg.public_pretrain_epochs}: task {task.name!r} has no "
-                          f"public data; use --public_pretrain_epochs=0")
+    privacy cost); the federated rounds start from these weights (_setup checked the task has some)."""
     import tensorflow as tf
 
     t0 = time.monotonic()
     x, y = task.public_data
+    log(f"pre-training on public data: {len(x)} examples, {cfg.public_pretrain_epochs} epochs ...")
     tf.keras.utils.set_random_seed(cfg.seed)
     from tff_pipeline import dp_fedavg
 

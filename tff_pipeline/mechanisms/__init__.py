@@ -82,8 +82,9 @@ def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_e
 
 
 def resolve_dp_ftrl(cfg, task) -> Resolved:
-    if cfg.sampling != "poisson" and cfg.sampling != "fixed":
-        raise PrivacyConfigError(f"--sampling={cfg.sampling!r} must be poisson or fixed")
+    if cfg.sampling != "poisson":
+        raise PrivacyConfigError(f"--sampling={cfg.sampling} does not apply to --mechanism=dp_ftrl, which samples "
+                                 f"nobody (each epoch is a shuffled pass in cohorts); drop --sampling")
 
     def make(z):
         return DPFTRL(task.population, cfg.clients_per_round, z, cfg.delta, cfg.ftrl_clip)

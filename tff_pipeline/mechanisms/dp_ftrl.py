@@ -170,7 +170,8 @@ class DPFTRL(Mechanism):
                 f"rounds of {self.clients_per_round} clients, each epoch a shuffled pass over the {self.population} "
                 f"clients in which a client takes part at most once, with a new noise tree per epoch ("
                 f"{len(trees)} tree(s) of {', '.join(map(str, trees))} steps), noise multiplier "
-                f"{r['noise_multiplier']:.6g} per tree node and a fixed clip norm {self.l2_norm_clip:g}")
+                f"{r['noise_multiplier']:.6g} per tree node" + ("" if kind_plan else
+                                                                 f" and a fixed clip norm {self.l2_norm_clip:g}"))
 
     def statement_tail(self, r: dict[str, Any]) -> str:
         rho = r.get("zcdp_rho")

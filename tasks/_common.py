@@ -1,0 +1,40 @@
+"""Plumbing every task shares: a client's local dataset for a round, batched
+inference into Keras metrics, and saving a serving module."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tff_pipeline import models
+
+
+def local_dataset(x, y, client: int, round_seed: int, cfg) -> tf.data.Dataset:
+    """Client ``client``'s training data for one round: at most
+    --max_client_examples of its examples (a fresh random subset each round),
+    shuffled, repeated --local_epochs times, in batches of --batch_size."""
+    if len(x) > cfg.max_client_examples:
+        pick = np.random.default_rng([round_seed, client]).choice(len(x), cfg.max_client_examples, replace=False)
+        x, y = x[pick], y[pick]
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    return ds.shuffle(len(x), seed=round_seed).repeat(cfg.local_epochs).batch(cfg.batch_size)
+
+
+def batched_outputs(model: tf.keras.Model, x, batch: int):
+    """(start, model outputs) for each batch of ``x``, through one traced inference function."""
+    infer = models.inference_fn(model)
+    for start in range(0, len(x), batch):
+        yield start, infer(x[start : start + batch])
+
+
+def update_metrics(model: tf.keras.Model, metrics: list, x, y, batch: int) -> dict[str, float]:
+    """Keras metrics of ``model`` on (x, y), computed batch by batch; {name: value}."""
+    for start, out in batched_outputs(model, x, batch):
+        for m in metrics:
+            m.update_state(y[start : start + batch], out)
+    return {m.name: float(m.result()) for m in metrics}
+
+
+def save_serving(module: tf.Module, path: str) -> None:
+    """Writes ``module`` as a SavedModel whose ``serving_default`` is ``module.serve``."""
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
