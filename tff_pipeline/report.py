@@ -56,15 +56,10 @@ def build(
     ``max_participations`` then gives ε without amplification."""
     if entries is None:
         entries = mech.planned_entries(rounds_run if rounds_accounted is None else rounds_accounted)
-    n = len(entries)
-    event = mech.compose(entries)
-    eps, order = mech.epsilon_of(event) if n else ((0.0, None) if mech.is_private else (math.inf, None))
-    private = mech.is_private
     client = mech.unit == "client"
-    rho = (mech.zcdp_rho(n, entries) if mech.name == "dp_ftrl" else mech.zcdp_rho(n)) if private and n else None
     report: dict[str, Any] = {
         "kind": kind,
-        "differentially_private": private,
+        "differentially_private": mech.is_private,
         "mechanism": mech.title,
         "mechanism_name": mech.name,
         "unit_of_privacy": "client (user level)" if client else "example (record level)",
@@ -73,11 +68,39 @@ def build(
         "accountant_relation": mech.relation.name,
         "sampling": mech.sampling_section(),
         "rounds_run": rounds_run,
-        "rounds_accounted": n,
         "rounds_planned": rounds_planned,
         "stop_reason": stop_reason,
         "noise_multiplier": mech.noise_multiplier,
         "noise_calibration": noise_calibration,
+        **accounting(mech, entries),
+        "sampling_secret": sampling_secret,
+        "releases": releases,
+        "not_covered": list((releases or {}).get("not_covered", ())) + list((releases or {}).get("not_counted", ())),
+        "model_initialisation": initialisation or "random (no pre-training)",
+        "mechanism_rows": [[k, str(v)] for k, v in mech.report_rows()],
+        **mech.report_extras(entries),
+    }
+    if not sampling_secret and hasattr(mech, "known_sampling_epsilon"):
+        report["max_participations"] = max_participations
+        report["epsilon_known_sampling"] = mech.known_sampling_epsilon(max_participations or 0)
+    if per_client:
+        report["per_client"] = per_client
+        report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
+                                "(largest sampling rate q)")
+    if client and mech.population <= 50:
+        report["small_population_warning"] = small_population_warning(mech, unit)
+    report["statement"] = statement(report, mech)
+    return report
+
+
+def accounting(mech, entries) -> dict[str, Any]:
+    """ε (RDP, PLD, at other δ), ρ and the recorded event: the composition of the ledger's ``entries``."""
+    n, private = len(entries), mech.is_private
+    event = mech.compose(entries)
+    eps, order = mech.epsilon_of(event) if n else ((0.0, None) if private else (math.inf, None))
+    rho = mech.zcdp_rho(n, entries) if private and n else None
+    return {
+        "rounds_accounted": n,
         "delta": mech.delta,
         "epsilon": _finite(eps),
         "accountant": "dp_accounting RdpAccountant",
@@ -88,34 +111,11 @@ def build(
                       "with RDP and PLD" if private and rho is None else None),
         "epsilon_at_other_delta": (
             {f"{d:g}": {"rdp": _finite(dataclasses.replace(mech, delta=d).epsilon_of(event)[0]),
-                        "pld": _finite(mech.pld_epsilon(event, d))}
-             for d in OTHER_DELTAS}
-            if private and n else {}
-        ),
+                        "pld": _finite(mech.pld_epsilon(event, d))} for d in OTHER_DELTAS}
+            if private and n else {}),
         "event_noise_multiplier": mech.event_noise_multiplier if private else None,
         "recorded_event": event_to_json(event),
-        "sampling_secret": sampling_secret,
-        "releases": releases,
-        "not_covered": list((releases or {}).get("not_covered", ())) + list((releases or {}).get("not_counted", ())),
-        "model_initialisation": initialisation or "random (no pre-training)",
-        "mechanism_rows": [[k, str(v)] for k, v in mech.report_rows()],
     }
-    if mech.name == "dp_ftrl":
-        report["tree_sizes"] = mech.tree_sizes(entries)
-    if not sampling_secret and hasattr(mech, "known_sampling_epsilon"):
-        report["max_participations"] = max_participations
-        report["epsilon_known_sampling"] = mech.known_sampling_epsilon(max_participations or 0)
-    if per_client:
-        report["per_client"] = per_client
-        report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
-                                "(largest sampling rate q)")
-    if client and mech.population <= 50:
-        report["small_population_warning"] = small_population_warning(mech, unit)
-    if hasattr(mech, "update_noise_multiplier"):
-        report["update_noise_multiplier"] = mech.update_noise_multiplier
-        report["clipped_count_stddev"] = mech.effective_clipped_count_stddev
-    report["statement"] = statement(report, mech)
-    return report
 
 
 def small_population_warning(pcfg, unit: str) -> str:
@@ -170,6 +170,15 @@ def statement(r: dict[str, Any], mech) -> str:
     if r.get("epsilon_pld") is not None:
         text += f"; the PLD accountant gives ε = {r['epsilon_pld']:.4g} for the same event"
     text += mech.statement_tail(r)
+    text += _randomness(r, example)
+    text += (". The guarantee covers everything computed from the noisy aggregates, including the final model"
+             + (" and the clip norms" if r.get("mechanism_name") == "dp_fedavg" else "") + ".")
+    return text + _context(r)
+
+
+def _randomness(r: dict[str, Any], example: bool) -> str:
+    """What the guarantee relies on being secret, or the warning that it is not (public sampling seed)."""
+    text = ""
     if example:
         secret = ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
                   "operating system; no output of the run contains them")  # nothing records DP-SGD's batches
@@ -196,8 +205,12 @@ def statement(r: dict[str, Any], mech) -> str:
                  "amplification by sampling"
                  + (f": the client that took part most often ({kmax} round results) has ε = {ek:.4g}"
                     if ek is not None and kmax is not None else "") + ". Use it for research only")
-    text += (". The guarantee covers everything computed from the noisy aggregates, including the final model"
-             + (" and the clip norms" if r.get("mechanism_name") == "dp_fedavg" else "") + ".")
+    return text
+
+
+def _context(r: dict[str, Any]) -> str:
+    """The run's circumstances: re-run rounds, pre-training, the default target, small populations, releases."""
+    text = ""
     extra = r.get("rounds_accounted", r["rounds_run"]) - r["rounds_run"]
     if extra > 0:
         text += (f" The run was resumed after a crash and {extra} round result(s) computed before it were lost and "
@@ -276,18 +289,16 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r["epsilon_at_other_delta"]:
         out += ["", "## ε at other δ", "", "| δ | ε (RDP) | ε (PLD) |", "|---|---|---|"]
         out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]
-    rel = r.get("releases")
-    if rel:
-        out += ["", "## What this run directory holds", "", "Covered by the guarantee:", ""]
-        out += [f"- {x}" for x in rel["covered"]]
-        out += ["", f"Public by assumption: {rel['public']}", "",
-                "**Not covered (operator-only: computed from private data without noise; do not release):**", ""]
-        out += [f"- {x}" for x in rel["not_covered"]]
-        out += ["", "Not counted:", ""] + [f"- {x}" for x in rel["not_counted"]]
-    elif r["not_covered"]:
-        out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
+    out += _releases_section(r)
     if r.get("empirical_audit"):
         out += ["", "## Empirical audit", "", f"With --audit: {r['empirical_audit']}."]
+    out += _recompute_section(r)
+    return "\n".join(out)
+
+
+def _recompute_section(r: dict[str, Any]) -> list[str]:
+    """How to recompute ε from the recorded DpEvent with dp_accounting alone."""
+    out: list[str] = []
     out += [
         "",
         "## Recompute it yourself",
@@ -309,7 +320,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(out)
+    return out
+
+
+def _releases_section(r: dict[str, Any]) -> list[str]:
+    """What the run directory holds: covered, public by assumption, not covered, not counted."""
+    out: list[str] = []
+    rel = r.get("releases")
+    if rel:
+        out += ["", "## What this run directory holds", "", "Covered by the guarantee:", ""]
+        out += [f"- {x}" for x in rel["covered"]]
+        out += ["", f"Public by assumption: {rel['public']}", "",
+                "**Not covered (operator-only: computed from private data without noise; do not release):**", ""]
+        out += [f"- {x}" for x in rel["not_covered"]]
+        out += ["", "Not counted:", ""] + [f"- {x}" for x in rel["not_counted"]]
+    elif r["not_covered"]:
+        out += ["", "## Not covered by the guarantee", ""] + [f"- {x}" for x in r["not_covered"]]
+    return out
 
 
 def write(directory: str, report: dict[str, Any]) -> None:

@@ -116,9 +116,13 @@ class Mechanism:
         """ε from the PLD accountant (a cross-check); None where PLD does not support the event."""
         return None
 
-    def zcdp_rho(self, rounds: int) -> Optional[float]:
+    def zcdp_rho(self, rounds: int, entries: Optional[Sequence[dict]] = None) -> Optional[float]:
         """ρ of zero-concentrated DP where it applies (None otherwise)."""
         return None
+
+    def report_extras(self, entries: Sequence[dict]) -> dict[str, Any]:
+        """Fields only this mechanism's report has."""
+        return {}
 
     def before_round(self, process, state, plan: RoundPlan):
         """The process state to run ``plan``'s round from (DP-FTRL restarts its tree here)."""

@@ -115,7 +115,7 @@ class DPFedAvgAdaptive(Mechanism):
 
         return float(pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta))
 
-    def zcdp_rho(self, rounds: int) -> Optional[float]:
+    def zcdp_rho(self, rounds: int, entries=None) -> Optional[float]:
         """ρ = rounds/(2 σ²) of the un-subsampled Gaussian (q = 1; Bun & Steinke 2016); None when subsampled."""
         if not self.is_private or self.sampling_probability < 1:
             return None
@@ -129,6 +129,10 @@ class DPFedAvgAdaptive(Mechanism):
             return 0.0
         return self.epsilon_of(dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(self.event_noise_multiplier),
                                                        max_participations))[0]
+
+    def report_extras(self, entries) -> dict[str, Any]:
+        return {"update_noise_multiplier": self.update_noise_multiplier,
+                "clipped_count_stddev": self.effective_clipped_count_stddev}
 
     # --- schedule ---
     def sampler(self, public_seed: Optional[int] = None) -> "ClientSampler":

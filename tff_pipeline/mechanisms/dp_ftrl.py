@@ -124,6 +124,9 @@ class DPFTRL(Mechanism):
         sizes = self.tree_sizes(entries if entries is not None else self.planned_entries(rounds))
         return sum(math.ceil(math.log2(n + 1)) for n in sizes) / (2 * self.noise_multiplier**2)
 
+    def report_extras(self, entries) -> dict[str, Any]:
+        return {"tree_sizes": self.tree_sizes(entries)}
+
     # --- schedule ---
     def sampler(self, public_seed: Optional[int] = None) -> "EpochSchedule":
         return EpochSchedule(self, public_seed)

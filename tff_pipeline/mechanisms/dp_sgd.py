@@ -78,7 +78,7 @@ class DPSGDInClient(Mechanism):
 
         return float(pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta))
 
-    def zcdp_rho(self, rounds: int) -> Optional[float]:
+    def zcdp_rho(self, rounds: int, entries=None) -> Optional[float]:
         if not self.is_private or self.sampling_probability < 1:
             return None
         return rounds * self.local_steps / (2 * self.noise_multiplier**2)
