@@ -263,6 +263,16 @@ def test_dp_ftrl_schedule_takes_each_client_at_most_once_per_tree():
     lost.restore(saved, True, saved["tree"])
     p = lost.plan(20, 0, None)
     assert p.tree == saved["tree"] + 1 and p.restart
+    # A plan the budget guard refuses is forgotten (train._round restores the state before it): a tree it
+    # would have begun is begun again, with its restart, by the round that does run.
+    fresh = m.sampler()
+    for r in range(1, 7):
+        fresh.plan(r, 0, None)
+    before = fresh.state()
+    refused = fresh.plan(7, 0, None)
+    fresh.restore(before, False, None)
+    again = fresh.plan(7, 0, None)
+    assert refused.restart and again.restart and again.tree == refused.tree == 1
 
 
 def test_every_registered_mechanism_is_a_choice_of_the_flag():

@@ -164,11 +164,14 @@ def _round(run: Run, hooks: list, r: int) -> Optional[str]:
     """One round; returns a reason to stop, if a callback gives one."""
     t0 = time.monotonic()
     attempt = run.ledger.attempts(r)
+    before = run.sampler.state()
     plan = run.sampler.plan(r, attempt, run.ledger)
     entry = run.mech.ledger_entry(plan)
     for h in hooks:
         reason = h.before_round(run, r, entry)
-        if reason:
+        if reason:  # the round does not run: the schedule forgets its plan (a DP-FTRL tree it would have begun)
+            if hasattr(run.sampler, "restore"):
+                run.sampler.restore(before, False, None)
             return reason
     # Recorded before the round runs: a round that is released, or that dies half-way, is counted.
     run.ledger.append(r, entry)
