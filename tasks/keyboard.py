@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Task, TaskError
+from tff_pipeline.task import Evaluation, Task, TaskError
 
 from tasks._common import batched_outputs, local_dataset, save_serving, update_metrics
 
@@ -312,13 +312,13 @@ def build(cfg) -> Task:
             models.MaskedTokenLoss(PAD, name="token_loss"),
         ]
 
-    def evaluate(model: tf.keras.Model) -> dict[str, float]:
+    def evaluate(model: tf.keras.Model) -> Evaluation:
         out = {}
         for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
             vals = update_metrics(model, metrics(), x, y, EVAL_BATCH)
             vals["perplexity"] = float(np.exp(vals["token_loss"]))
             out.update({f"{split}_{k}": v for k, v in vals.items()})
-        return out
+        return Evaluation(out)
 
     def client_loss(model, x, y) -> float:
         return update_metrics(model, [models.MaskedTokenLoss(PAD, name="token_loss")], x, y, EVAL_BATCH)["token_loss"]

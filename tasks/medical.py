@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Task, TaskError, numeric_column
+from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
 from tasks._common import save_serving
 
@@ -201,17 +201,15 @@ def build(cfg) -> Task:
     def build_model():
         return ft_transformer(cfg.model_dim, cfg.heads, cfg.layers, cfg.ff_dim)
 
-    def evaluate(model) -> dict[str, float]:
-        out, ys, ps = {}, [], []
+    def evaluate(model) -> Evaluation:
+        by_client, ys, ps = {}, [], []
         for c in clients:
             x, y = c["test"]
             p = tf.sigmoid(models.inference_fn(model)(x)).numpy()[:, 0]
             ys.append(y), ps.append(p)
-            for k, v in binary_metrics(y, p).items():
-                out[f"{c['name']}_{k}"] = v
-        for k, v in binary_metrics(np.concatenate(ys), np.concatenate(ps)).items():
-            out[f"test_{k}"] = v
-        return out
+            by_client[c["name"]] = binary_metrics(y, p)
+        overall = {f"test_{k}": v for k, v in binary_metrics(np.concatenate(ys), np.concatenate(ps)).items()}
+        return Evaluation(overall, by_client)
 
     sizes = {c["name"]: {"train": len(c["train"][1]), "test": len(c["test"][1]),
                          "train_positive_rate": float(c["train"][1].mean())} for c in clients}

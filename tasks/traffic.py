@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Task, TaskError, numeric_column
+from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
 from tasks._common import save_serving
 
@@ -295,16 +295,16 @@ def build(cfg) -> Task:
         week = series[i][tidx - season] if H >= season else np.full((len(st), K), np.nan)
         return persistence, week
 
-    def evaluate(model) -> dict[str, float]:
-        out, allp, allt = {}, [], []
+    def evaluate(model) -> Evaluation:
+        by_client, allp, allt = {}, [], []
         for i, name in enumerate(sensors):
             p, t = predictions(model, i), targets(i, test_starts[i])
             if not len(t):
                 continue
             allp.append(p), allt.append(t)
-            out.update(_horizon_errors(name, p, t, K, drop_missing=False))
-        out.update(_horizon_errors("test", np.concatenate(allp), np.concatenate(allt), K, drop_missing=False))
-        return out
+            by_client[name] = {k[1:]: v for k, v in _horizon_errors("", p, t, K, drop_missing=False).items()}
+        return Evaluation(_horizon_errors("test", np.concatenate(allp), np.concatenate(allt), K, drop_missing=False),
+                          by_client)
 
     def baselines() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Persistence, same hour last week and pooled ridge regression on

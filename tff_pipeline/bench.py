@@ -76,7 +76,9 @@ def _synthetic_task(name: str, build_model, loss, make_client, population: int, 
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
 
     def no_eval(model):
-        return {}
+        from tff_pipeline.task import Evaluation
+
+        return Evaluation({})
 
     def export(model, path):
         tf.saved_model.save(model, path)

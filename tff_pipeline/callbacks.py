@@ -32,7 +32,8 @@ class RoundResult:
     train: dict[str, float]
     clip: Optional[float]
     epsilon: Optional[float]
-    eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval: dict[str, float] = dataclasses.field(default_factory=dict)  # overall held-out metrics
+    eval_by_client: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 class Callback:
@@ -57,11 +58,12 @@ class Evaluate(Callback):
     def after_round(self, run, r: RoundResult) -> None:
         if r.round_num % run.cfg.eval_every == 0 or r.round_num == run.cfg.rounds or run.stop.signal:
             run.sync_keras_model()
-            r.eval = run.last_eval = run.task.evaluate(run.keras_model)
+            run.last_eval = run.task.evaluate(run.keras_model)
+            r.eval, r.eval_by_client = run.last_eval.overall, run.last_eval.by_client
 
     def on_train_end(self, run) -> None:
         run.sync_keras_model()
-        if not run.last_eval or run.rounds_run % run.cfg.eval_every:
+        if run.last_eval is None or run.rounds_run % run.cfg.eval_every:
             run.last_eval = run.task.evaluate(run.keras_model)
 
 
@@ -76,7 +78,8 @@ class Checkpointing(Callback):
 
         self.last_saved = r
         checkpoint.save(run.out, r, run.state, {
-            "ledger_entries": len(run.ledger), "pretrain": run.pretrain, "last_eval": run.last_eval,
+            "ledger_entries": len(run.ledger), "pretrain": run.pretrain,
+            "last_eval": run.last_eval.to_json() if run.last_eval else None,
             "schedule": run.sampler.state(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, run.cfg.keep_checkpoints)
 
     def after_round(self, run, r: RoundResult) -> None:
@@ -164,7 +167,7 @@ class Summary(Callback):
         run.summary = summary = {
             "mechanism": run.mech.name, "rounds_run": run.rounds_run, "rounds_accounted": len(run.ledger),
             "stop_reason": run.stop_reason, "epsilon": rep["epsilon"], "delta": run.mech.delta,
-            "eval": run.last_eval,
+            "eval": run.last_eval.overall, "eval_by_client": run.last_eval.by_client,
             "baselines": {k: v for k, v in run.task.summary.items() if k.startswith("baselines")},
             "public_pretraining": run.pretrain, "seconds_total": time.monotonic() - run.t_start,
             "seconds_training": run.train_seconds,
@@ -184,7 +187,8 @@ class Summary(Callback):
         log("")
         log(rep["statement"])
         log("")
-        overall, by_client = split_eval(run.last_eval, run.task.client_names)
+        overall = run.last_eval.overall
+        by_client = {name: dict(row) for name, row in run.last_eval.by_client.items()}
         log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
         if by_client:
             for name, base in run.task.summary.get("baselines_by_client", {}).items():
@@ -237,24 +241,11 @@ class MetricsCsv(Callback):
     def after_round(self, run, r: "RoundResult") -> None:
         row = {"round": r.round_num, "cohort_size": r.cohort_size, "seconds": round(r.seconds, 4),
                **{f"train_{k}": v for k, v in r.train.items()},
-               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()}}
+               "clip_norm": r.clip, "epsilon": r.epsilon, **{f"eval_{k}": v for k, v in r.eval.items()},
+               **{f"eval_{c}_{k}": v for c, row in r.eval_by_client.items() for k, v in row.items()}}
         rows, fields = self._read()
         fields += [k for k in row if k not in fields]
         self._write(rows + [row], fields)
-
-
-def split_eval(ev: dict, client_names) -> tuple[dict, dict]:
-    """Split a task's evaluation into overall metrics and per-client ones
-    (keys ``<client name>_<metric>``)."""
-    names = sorted(client_names, key=len, reverse=True)
-    overall, by_client = {}, {}
-    for k, v in ev.items():
-        owner = next((n for n in names if k.startswith(n + "_")), None)
-        if owner is None:
-            overall[k] = v
-        else:
-            by_client.setdefault(owner, {})[k[len(owner) + 1:]] = v
-    return overall, by_client
 
 
 def write_by_client(path: str, by_client: dict) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
@@ -12,6 +12,26 @@ from tff_pipeline.errors import UserError
 
 class TaskError(UserError):
     """The task's data or settings are unusable; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Held-out metrics: ``overall`` {metric: value}, and ``by_client`` {client name: {metric: value}} (a
+    table; empty when the task has no per-client evaluation)."""
+
+    overall: dict[str, float]
+    by_client: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"overall": self.overall, "by_client": self.by_client}
+
+    @classmethod
+    def from_json(cls, d: Optional[dict]) -> Optional["Evaluation"]:
+        if not d:
+            return None
+        if "overall" not in d:  # checkpoints of earlier versions: one flat dict
+            return cls(dict(d))
+        return cls(d["overall"], d.get("by_client") or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +46,8 @@ class Task:
       build_model: () -> a fresh, uncompiled Keras model.
       loss: () -> the Keras loss.
       metrics: () -> a list of fresh Keras metrics.
-      evaluate: Keras model -> {metric name: value} on the held-out sets.
+      evaluate: Keras model -> Evaluation on the held-out sets: overall
+        metrics and, for cross-silo tasks, a table of metrics per client.
       export: (Keras model, directory) -> writes a SavedModel there.
       summary: facts about the data for config.json and the report.
       privacy_unit: what one client is, in words, for the report.
@@ -47,7 +68,7 @@ class Task:
     build_model: Callable[[], tf.keras.Model]
     loss: Callable[[], tf.keras.losses.Loss]
     metrics: Callable[[], list]
-    evaluate: Callable[[tf.keras.Model], dict[str, float]]
+    evaluate: Callable[[tf.keras.Model], "Evaluation"]
     export: Callable[[tf.keras.Model, str], None]
     summary: dict[str, Any]
     privacy_unit: str

@@ -62,7 +62,7 @@ class Run:
     pretrain: Optional[dict] = None
     first_round: int = 1
     rounds_run: int = 0
-    last_eval: dict = dataclasses.field(default_factory=dict)
+    last_eval: Any = None  # task.Evaluation of the latest held-out evaluation
     stop_reason: str = "completed all planned rounds"
     train_seconds: float = 0.0
     stop: Any = None
@@ -273,7 +273,9 @@ def _start_training_state(run: Run, ckpt) -> None:
     if ckpt:
         run.state, meta = checkpoint.load(ckpt[1], run.state)
         run.first_round, run.pretrain = ckpt[0] + 1, meta.get("pretrain")
-        run.last_eval = meta.get("last_eval") or {}
+        from tff_pipeline.task import Evaluation
+
+        run.last_eval = Evaluation.from_json(meta.get("last_eval"))
         if hasattr(run.sampler, "restore"):
             run.sampler.restore(meta.get("schedule"), len(run.ledger) > meta.get("ledger_entries", 0),
                                 _last_tree(run.ledger))
@@ -337,7 +339,7 @@ def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[st
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=task.loss())
     hist = keras_model.fit(x, y, batch_size=32, epochs=cfg.public_pretrain_epochs, verbose=0, shuffle=True)
     dp_fedavg.set_frozen(keras_model, cfg.frozen_layers)
-    ev = task.evaluate(keras_model)
+    ev = task.evaluate(keras_model).overall
     out = {"epochs": cfg.public_pretrain_epochs, "examples": int(len(x)), "source": task.public_data_source,
            "loss": float(hist.history["loss"][-1]), "eval": ev, "seconds": time.monotonic() - t0}
     log(f"pre-trained on public data ({task.public_data_source}) for {cfg.public_pretrain_epochs} epochs in "
