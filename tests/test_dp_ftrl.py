@@ -18,12 +18,13 @@ from conftest import SMALL, load_json, run_script
 @pytest.fixture(scope="module")
 def ftrl_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ftrl") / "kb")
-    common = ["--task=keyboard", f"--output_dir={out}", "--mechanism=dp_ftrl", "--clients_per_round=400",
+    common = ["--task=keyboard", f"--output_dir={out}", "--mechanism=dp_ftrl", "--clients_per_round=300",
               "--noise_multiplier=1.5", "--delta=1e-5", "--eval_every=5", "--checkpoint_every=1", "--seed=1",
               "--server_optimizer=sgdm", "--server_learning_rate=0.5", "--ftrl_clip=0.2", *SMALL]
-    first = run_script("train.py", "--rounds=3", *common)
+    first = run_script("train.py", "--rounds=2", *common)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_script("train.py", "--rounds=5", *common)  # resumed from the checkpoint of round 3
+    # Resumed after the tree's second step, when its noise buffer holds more rows than a fresh state's.
+    second = run_script("train.py", "--rounds=5", *common)
     assert second.returncode == 0, second.stderr[-3000:]
     return out, first, second
 
@@ -35,15 +36,15 @@ def _lines(path):
 
 def test_schedule_one_participation_per_tree_and_the_epoch_continues_on_resume(ftrl_run):
     out, first, second = ftrl_run
-    assert "resuming" in second.stdout and "from the checkpoint of round 3" in second.stdout
+    assert "resuming" in second.stdout and "from the checkpoint of round 2" in second.stdout
     ledger = _lines(os.path.join(out, "ledger.jsonl"))
-    # 1139 clients in cohorts of 400: 2 rounds per epoch, one tree each.
-    # The resumed run goes on with tree 1 (its epoch's order is in the checkpoint).
-    assert [(e["round"], e["tree"]) for e in ledger] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2)]
+    # 1139 clients in cohorts of 300: 3 rounds per epoch, one tree each.
+    # The resumed run goes on with tree 0 (its epoch's order is in the checkpoint).
+    assert [(e["round"], e["tree"]) for e in ledger] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)]
     rows = _lines(os.path.join(out, "operator", "participation.jsonl"))
     per_tree = collections.defaultdict(list)
     for e, row in zip(ledger, rows):
-        assert len(row["clients"]) == 400
+        assert len(row["clients"]) == 300
         per_tree[e["tree"]] += row["clients"]
     for ids in per_tree.values():
         assert len(ids) == len(set(ids))
@@ -59,8 +60,8 @@ def test_report_epsilon_is_the_composition_of_the_ledger(ftrl_run):
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL).compose(event)
     assert r["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
     assert r["mechanism_name"] == "dp_ftrl" and r["accountant_relation"] == "REPLACE_SPECIAL"
-    assert r["tree_sizes"] == sizes == [2, 2, 1] and r["rounds_accounted"] == 5 and r["rounds_run"] == 5
-    assert r["zcdp_rho"] == pytest.approx((2 + 2 + 1) / (2 * z * z))  # depths ⌈log2(n+1)⌉: 2, 2 and 1
+    assert r["tree_sizes"] == sizes == [3, 2] and r["rounds_accounted"] == 5 and r["rounds_run"] == 5
+    assert r["zcdp_rho"] == pytest.approx((2 + 2) / (2 * z * z))  # depths ⌈log2(n+1)⌉: 2 and 2
     assert "checkpoints/" in " ".join(r["releases"]["not_covered"]) and "secret tree noise seed" in " ".join(
         r["releases"]["not_covered"])
     assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))

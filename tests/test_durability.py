@@ -201,3 +201,15 @@ def test_overwrite_removes_the_earlier_run_only_after_the_new_one_checks_out(tmp
     p = run_script("train.py", *args, "--overwrite", "--rounds=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(_ledger(out)) == 1 and os.listdir(os.path.join(out, "checkpoints")) == ["ckpt-000001"]
+
+
+def test_a_torn_last_ledger_line_stays_a_line_of_its_own(tmp_path):
+    """A crash mid-append leaves a last line without its newline. Opening the ledger ends it, so the next round
+    is not glued onto it: the rounds counted in memory (and put in a checkpoint) and those on disk agree."""
+    from tff_pipeline import checkpoint
+
+    (tmp_path / "ledger.jsonl").write_text('{"round": 1, "attempt": 0, "event": {}}\n{"round": 2, "att')
+    ledger = checkpoint.Ledger(str(tmp_path))
+    assert len(ledger) == 2 and ledger.entries[1]["torn"]
+    ledger.append(2, {"event": {}})
+    assert len(ledger) == 3 == len(checkpoint.Ledger(str(tmp_path)))

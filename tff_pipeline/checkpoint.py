@@ -85,6 +85,7 @@ class Ledger:
         self.path = os.path.join(run_dir, "ledger.jsonl")
         self.entries: list[dict[str, Any]] = []
         if os.path.exists(self.path):
+            _end_torn_line(self.path)
             with open(self.path) as f:
                 for line in f:
                     line = line.strip()
@@ -123,13 +124,33 @@ class Ledger:
 
 
 def append_line(path: str, line: str, mode: int = 0o644) -> None:
-    """Appends one line and fsyncs it."""
+    """Appends one line and fsyncs it. A short write (a nearly full disk) raises OSError, so the caller never
+    goes on as if the line were there."""
+    data = (line + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
     try:
-        os.write(fd, (line + "\n").encode())
+        done = 0
+        while done < len(data):
+            n = os.write(fd, data[done:])
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "short write")
+            done += n
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _end_torn_line(path: str) -> None:
+    """A crash mid-append leaves a last line without its newline: end it, so that it stays a line of its own
+    (counted as a round) and the next line is not glued onto it; the count in memory and on disk then agree."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+    append_line(path, "")
 
 
 class Participation:
@@ -239,13 +260,23 @@ def load(path: str, template_state) -> tuple[Any, dict[str, Any]]:
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     template = tf.nest.flatten(template_state)
+    # The model weights come first in the state and must match exactly. Other leaves may change length as
+    # training goes (DP-FTRL's tree buffer holds one row per open tree level): same rank and trailing shape.
+    n_model = len(tf.nest.flatten(template_state.global_model_weights)) if hasattr(
+        template_state, "global_model_weights") else len(template)
     try:
         with np.load(os.path.join(path, "state.npz")) as z:
             leaves = [z[f"leaf{i:05d}"] for i in range(len(z.files))]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one")
-    if len(leaves) != len(template) or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, template)):
+    if len(leaves) != len(template) or not all(_fits(a, b, i < n_model) for i, (a, b) in
+                                               enumerate(zip(leaves, template))):
         raise CheckpointError(f"checkpoint {path} does not match this model and process (different model or "
                               f"flags); resume with the run's original flags or use a new --output_dir")
     typed = [np.asarray(a, dtype=np.asarray(b).dtype)[()] for a, b in zip(leaves, template)]
     return tf.nest.pack_sequence_as(template_state, typed), meta
+
+
+def _fits(saved, template, exact: bool) -> bool:
+    a, b = np.shape(saved), np.shape(template)
+    return a == b if exact or len(a) == 0 else (len(a) == len(b) and a[1:] == b[1:])

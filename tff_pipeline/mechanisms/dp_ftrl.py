@@ -190,11 +190,10 @@ class EpochSchedule:
     rounds (the ledger holds more than the checkpoint), a new tree and a new
     epoch start instead, so no tree noise is ever reused."""
 
-    secret = True
-
     def __init__(self, mech: DPFTRL, public_seed: Optional[int] = None):
         self.mech = mech
         self.public_seed = public_seed
+        self.secret = public_seed is None  # ε does not rely on it: no amplification is claimed
         self.tree = -1
         self.order: list[int] = []
         self.pos = 0
