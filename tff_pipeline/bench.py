@@ -213,7 +213,7 @@ VARIANTS = ("pipeline", "per_client", "tff_stock", "central")
 def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print,
             workers=()) -> dict:
     """Median seconds per round (after one warm-up round) of each variant."""
-    from tff_pipeline import cohort, dp_fedavg, runtime, train
+    from tff_pipeline import cohort, dp_fedavg, runtime
 
     num_workers = runtime.install_context(workers)
     from tff_pipeline import mechanisms

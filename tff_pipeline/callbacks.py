@@ -18,10 +18,10 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from tff_pipeline.io import atomic_write_text
-from tff_pipeline.rundir import AUDIT_NOT_COVERED, OPERATOR_DIR, operator_path, release_notes
+from tff_pipeline.rundir import OPERATOR_DIR, operator_path, release_notes
 
 
 @dataclasses.dataclass

@@ -7,7 +7,6 @@ calibration. Never imports TensorFlow.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from dp_accounting import dp_event as dpe
@@ -19,6 +18,7 @@ from tff_pipeline.mechanisms.dp_fedavg import (SAMPLING_SCHEMES, ClientSampler, 
                                                DPFedAvgAdaptive as PrivacyConfig, check_adaptive_clipping)
 from tff_pipeline.mechanisms.dp_sgd import DPSGDInClient as ExampleLevelConfig  # noqa: F401
 from tff_pipeline.mechanisms import check_calibrated  # noqa: F401
+from tff_pipeline.mechanisms import calibrate_dp_fedavg as calibrate_noise_multiplier  # noqa: F401
 
 
 def round_event(mech: base.Mechanism) -> dpe.DpEvent:
@@ -44,15 +44,3 @@ def update_noise_multiplier(mech: PrivacyConfig) -> float:
 
 def known_sampling_epsilon(mech: PrivacyConfig, max_participations: int) -> Optional[float]:
     return mech.known_sampling_epsilon(max_participations)
-
-
-def calibrate_noise_multiplier(target_epsilon: float, rounds: int, population: int, clients_per_round: int,
-                               delta: float, sampling: str = "poisson",
-                               clipped_count_stddev: Optional[float] = None) -> float:
-    """Smallest z whose RDP ε of DP-FedAvg after ``rounds`` rounds is <= target_epsilon."""
-    base.check_target(target_epsilon, rounds)
-    # The DpEvent does not depend on σ_b: search without the adaptive-clipping bound, check the answer.
-    z = calibrate(lambda z: PrivacyConfig(population, clients_per_round, z, delta, sampling, math.inf),
-                  rounds, target_epsilon, delta)
-    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds, population)
-    return z

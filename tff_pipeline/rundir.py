@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any
 
 from tff_pipeline.config import ConfigError, TrainConfig
 

@@ -57,16 +57,24 @@ def _calibrated(make, cfg) -> tuple[float, Optional[dict]]:
 
 
 def resolve_dp_fedavg(cfg, task) -> Resolved:
-    def make(z, sb=cfg.clipped_count_stddev):
-        return DPFedAvgAdaptive(task.population, cfg.clients_per_round, z, cfg.delta, cfg.sampling, sb,
-                                cfg.initial_clip, cfg.target_unclipped_quantile, cfg.clip_learning_rate)
+    z, calib = cfg.noise_multiplier, None
+    if cfg.target_epsilon is not None:
+        z = calibrate_dp_fedavg(cfg.target_epsilon, cfg.rounds, task.population, cfg.clients_per_round, cfg.delta,
+                                cfg.sampling, cfg.clipped_count_stddev)
+        calib = {"target_epsilon": cfg.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
+    return Resolved(DPFedAvgAdaptive(task.population, cfg.clients_per_round, z, cfg.delta, cfg.sampling,
+                                     cfg.clipped_count_stddev, cfg.initial_clip, cfg.target_unclipped_quantile,
+                                     cfg.clip_learning_rate), calib)
 
-    # The DpEvent does not depend on σ_b: search without the adaptive-clipping bound, check the answer.
-    z, calib = _calibrated(lambda z: make(z, math.inf), cfg)
-    if calib:
-        check_calibrated(z, cfg.clients_per_round, cfg.clipped_count_stddev, cfg.target_epsilon, cfg.rounds,
-                         task.population)
-    return Resolved(make(z), calib)
+
+def calibrate_dp_fedavg(target_epsilon: float, rounds: int, population: int, clients_per_round: int, delta: float,
+                        sampling: str = "poisson", clipped_count_stddev: Optional[float] = None) -> float:
+    """Smallest z whose RDP ε of DP-FedAvg after ``rounds`` rounds is <= target_epsilon. The DpEvent does not
+    depend on σ_b: the search runs without the adaptive-clipping bound, and the answer is checked after."""
+    z = calibrate(lambda z: DPFedAvgAdaptive(population, clients_per_round, z, delta, sampling, math.inf),
+                  rounds, target_epsilon, delta)
+    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds, population)
+    return z
 
 
 def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_epsilon: float, rounds: int,

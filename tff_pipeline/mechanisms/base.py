@@ -128,8 +128,6 @@ class Mechanism:
         """The process state to run ``plan``'s round from (DP-FTRL restarts its tree here)."""
         return state
 
-    def with_noise(self, z: float) -> "Mechanism":
-        return dataclasses.replace(self, noise_multiplier=z)
 
 
 def collapse(events: Sequence[dpe.DpEvent]) -> dpe.DpEvent:
