@@ -33,19 +33,18 @@ FLAGS = flags.FLAGS
 CONFIGS = {"keyboard": "configs/keyboard.cfg", "medical": "configs/medical.cfg", "traffic": "configs/traffic.cfg"}
 
 
-def main(argv):
-    cli.check_no_extra_args(argv)
+def _checked_flags():
+    """(variants, worker addresses, clients-per-round sizes), or a one-line error naming the flag."""
     if FLAGS.rounds < 1:
         raise cli.UserError(f"--rounds={FLAGS.rounds} must be at least 1")
     variants = tuple(v.strip() for v in FLAGS.variants.split(",") if v.strip())
     from tff_pipeline import bench
-    from tff_pipeline.config import TrainConfig
+    from tff_pipeline.config import make
 
     bad = [v for v in variants if v not in bench.VARIANTS]
     if bad or not variants:
         raise cli.UserError(f"--variants={FLAGS.variants!r}: choose from {', '.join(bench.VARIANTS)}")
-    workers = TrainConfig(workers=FLAGS.workers).worker_addresses  # checks HOST:PORT
-
+    workers = make(workers=FLAGS.workers).worker_addresses  # checks HOST:PORT
     try:
         sizes = [int(c) for c in FLAGS.clients_per_round.split(",")]
     except ValueError:
@@ -54,33 +53,34 @@ def main(argv):
         raise cli.UserError(f"--clients_per_round={FLAGS.clients_per_round!r} must be a count or counts, e.g. 10,25,50")
     if FLAGS.population < 1:
         raise cli.UserError(f"--population={FLAGS.population} must be at least 1")
-    t = time.monotonic()
-    import tensorflow_federated  # noqa: F401  (start-up, reported apart from the rounds)
+    return variants, workers, sizes
 
-    import_s = time.monotonic() - t
-    print(f"import tensorflow_federated: {import_s:.1f} s (after tensorflow)")
-    results = []
-    for name in WORKLOADS if FLAGS.workload == "all" else (FLAGS.workload,):
-        for cpr in sizes:
-            kw = {"clients_per_round": cpr} if cpr else {}
-            if name == "w1":
-                w = bench.w1(population=FLAGS.population, **kw)
-            elif name == "w2":
-                w = bench.w2(population=FLAGS.population, **kw)
-            else:
-                w = bench.real_task(name, os.path.join(ROOT, CONFIGS[name]), **kw)
-            r = bench.measure(w, variants, FLAGS.rounds, workers=workers)
-            r["import_tff_s"] = import_s
-            results.append(r)
-    if len(sizes) > 1:
-        print()
-        for name in dict.fromkeys(r["workload"] for r in results):
-            for v in variants:
-                pts = [(r["clients_per_round"], r["variants"][v]["median_s_per_round"]) for r in results
-                       if r["workload"] == name]
-                a, b = bench.slope(pts)
-                print(f"{name:9s} {v:10s} {a:.4f} s per client per round (+{b:.3f} s)  from " +
-                      ", ".join(f"{c}: {s:.3f}" for c, s in pts))
+
+def _workload(name: str, cpr: int):
+    from tff_pipeline import bench
+
+    kw = {"clients_per_round": cpr} if cpr else {}
+    if name == "w1":
+        return bench.w1(population=FLAGS.population, **kw)
+    if name == "w2":
+        return bench.w2(population=FLAGS.population, **kw)
+    return bench.real_task(name, os.path.join(ROOT, CONFIGS[name]), **kw)
+
+
+def _print_slopes(results, variants) -> None:
+    from tff_pipeline import bench
+
+    print()
+    for name in dict.fromkeys(r["workload"] for r in results):
+        for v in variants:
+            pts = [(r["clients_per_round"], r["variants"][v]["median_s_per_round"]) for r in results
+                   if r["workload"] == name]
+            a, b = bench.slope(pts)
+            print(f"{name:9s} {v:10s} {a:.4f} s per client per round (+{b:.3f} s)  from " +
+                  ", ".join(f"{c}: {s:.3f}" for c, s in pts))
+
+
+def _print_table(results) -> None:
     print()
     print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s} "
           f"{'per-round ratio min/med/max':>28s} {'+MB build/rounds':>17s}  (peak RSS MB)")
@@ -94,6 +94,27 @@ def main(argv):
                   f"{'' if ratio is None else f'{ratio:.2f}':>9s} {spread:>28s} "
                   f"{mg['build_mb']:8.0f}/{mg['rounds_mb']:<8.0f}")
         print(f"{r['workload']:9s} {'':10s} {'':8s} {'':9s} {'':9s}  {r['peak_rss_mb']:.0f}")
+
+
+def main(argv):
+    cli.check_no_extra_args(argv)
+    variants, workers, sizes = _checked_flags()
+    from tff_pipeline import bench
+
+    t = time.monotonic()
+    import tensorflow_federated  # noqa: F401  (start-up, reported apart from the rounds)
+
+    import_s = time.monotonic() - t
+    print(f"import tensorflow_federated: {import_s:.1f} s (after tensorflow)")
+    results = []
+    for name in WORKLOADS if FLAGS.workload == "all" else (FLAGS.workload,):
+        for cpr in sizes:
+            r = bench.measure(_workload(name, cpr), variants, FLAGS.rounds, workers=workers)
+            r["import_tff_s"] = import_s
+            results.append(r)
+    if len(sizes) > 1:
+        _print_slopes(results, variants)
+    _print_table(results)
     if FLAGS.output:
         from tff_pipeline.io import atomic_write_text
 

@@ -4,7 +4,6 @@
       --clients_per_round=20 --target_epsilon=8 --delta=1e-5
 """
 
-import dataclasses
 import os
 import sys
 
@@ -13,16 +12,14 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # rep
 from absl import app, flags
 
 from tff_pipeline import cli
-from tff_pipeline.config import TrainConfig
-
-cli.define_flags(TrainConfig)
+cli.define_flags()
 flags.DEFINE_boolean("overwrite", False, "Replace the files of an earlier run in --output_dir.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     cli.check_no_extra_args(argv)
-    cfg = cli.config_from_flags(TrainConfig, FLAGS)
+    cfg = cli.config_from_flags(FLAGS)
     from tff_pipeline.train import run
 
     summary = run(cfg, overwrite=FLAGS.overwrite)

@@ -1,4 +1,5 @@
-"""Task registry: name -> module with ``build(cfg) -> tff_pipeline.task.Task``."""
+"""Task registry: name -> module with ``Settings`` (the task's own flags) and
+``build(cfg) -> tff_pipeline.task.Task`` (which reads them as ``cfg.task_settings``)."""
 
 import importlib
 
@@ -23,6 +24,12 @@ def check_name(name: str) -> None:
 
     if name not in REGISTRY:
         raise ConfigError(f"--task={name!r} is unknown; choose one of: {', '.join(sorted(REGISTRY))}")
+
+
+def settings_class(name: str):
+    """The task's own settings (a frozen dataclass of flags, defined in its module)."""
+    check_name(name)
+    return importlib.import_module(REGISTRY[name]).Settings
 
 
 def build(cfg):

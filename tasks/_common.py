@@ -1,12 +1,30 @@
-"""Plumbing every task shares: a client's local dataset for a round, batched
-inference into Keras metrics, and saving a serving module."""
+"""Plumbing every task shares: the model-shape settings, a client's local
+dataset for a round, batched inference into Keras metrics, and saving a
+serving module."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
+from tff_pipeline.config import need, need_positive_ints, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """The shape of a task's attention model: settings every task has (each task's ``Settings`` extends it)."""
+
+    model_dim: int = setting(96, "Model width.")
+    heads: int = setting(4, "Attention heads.")
+    layers: int = setting(1, "Transformer blocks.")
+    ff_dim: int = setting(192, "Feed-forward width.")
+
+    def __post_init__(self):
+        need_positive_ints(self, ("model_dim", "heads", "layers", "ff_dim"))
+        need(self.model_dim % self.heads == 0, f"--model_dim={self.model_dim} must be divisible by --heads={self.heads}")
 
 
 def local_dataset(x, y, client: int, round_seed: int, cfg) -> tf.data.Dataset:

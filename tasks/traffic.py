@@ -24,6 +24,7 @@ trains to ε = 10 (δ = --delta) at the client (sensor) level
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -33,7 +34,25 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
-from tasks._common import save_serving
+from tff_pipeline.config import need_positive_ints, setting
+
+from tasks._common import AttentionShape, save_serving
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(AttentionShape):
+    """The traffic task's settings."""
+
+    traffic_data: str = setting("", "Traffic task: your own data, an .h5 file in the METR-LA/PEMS-BAY (DCRNN) layout "
+                                "or a .csv (timestamp column + one column per sensor). Default: the embedded Auckland "
+                                "pedestrian counts.", accounting=True)
+    history: int = setting(168, "Traffic task: history window length in time steps.")
+    horizon: int = setting(24, "Traffic task: forecast horizon in time steps.")
+    patch_len: int = setting(8, "Traffic task: history steps per attention token (PatchTST-style patches).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        need_positive_ints(self, ("history", "horizon", "patch_len"))
 
 TEST_FRACTION = 0.2
 N_FEAT = 6  # value, missing flag, sin/cos hour of day, sin/cos day of week
@@ -239,112 +258,113 @@ def _errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
             "wape": float(np.sum(np.abs(e)) / max(np.sum(np.abs(true)), 1e-12))}
 
 
-def build(cfg) -> Task:
-    if cfg.traffic_data:
-        frame, info = load_file(cfg.traffic_data)
-    else:
-        frame, info = load_akl()
-    frame, repairs = regularise(frame)
-    H, K = cfg.history, cfg.horizon
-    n = len(frame)
-    cut = int(round((1 - TEST_FRACTION) * n))
-    if cut - H - K < 1 or n - cut < K:
-        raise TaskError(f"traffic data has {n} time steps: too few for --history={H} and --horizon={K} "
-                        f"with the last 20% held out; lower --history/--horizon or give more data")
-    tfeat = time_features(frame.index)
-    season = season_steps(frame.index)
-    sensors = list(frame.columns)
-    series = [frame[c].to_numpy(np.float64) for c in sensors]
-    train_starts = [valid_starts(v, H, K, 0, cut) for v in series]
-    test_starts = [valid_starts(v, H, K, cut, n)[::EVAL_STRIDE] for v in series]
-    empty = [s for s, st in zip(sensors, train_starts) if len(st) == 0]
-    if empty:
-        raise TaskError(f"sensor {empty[0]!r} has no complete training window before the test cut "
-                        f"({frame.index[cut]}); remove it or lower --history")
+class _Sensors:
+    """The sensors' series split in time (the last TEST_FRACTION held out), with the windows each one trains and is
+    scored on, and what is computed from them: a client's dataset, forecasts, scores and baselines."""
 
-    def client_dataset(i: int, round_seed: int) -> tf.data.Dataset:
-        st = train_starts[i]
+    def __init__(self, frame, cfg):
+        ts = cfg.task_settings
+        self.cfg, self.H, self.K = cfg, ts.history, ts.horizon
+        n, H, K = len(frame), self.H, self.K
+        self.cut = int(round((1 - TEST_FRACTION) * n))
+        if self.cut - H - K < 1 or n - self.cut < K:
+            raise TaskError(f"traffic data has {n} time steps: too few for --history={H} and --horizon={K} "
+                            f"with the last 20% held out; lower --history/--horizon or give more data")
+        self.index, self.tfeat, self.season = frame.index, time_features(frame.index), season_steps(frame.index)
+        self.names = list(frame.columns)
+        self.series = [frame[c].to_numpy(np.float64) for c in self.names]
+        self.train_starts = [valid_starts(v, H, K, 0, self.cut) for v in self.series]
+        self.test_starts = [valid_starts(v, H, K, self.cut, n)[::EVAL_STRIDE] for v in self.series]
+        empty = [s for s, st in zip(self.names, self.train_starts) if len(st) == 0]
+        if empty:
+            raise TaskError(f"sensor {empty[0]!r} has no complete training window before the test cut "
+                            f"({frame.index[self.cut]}); remove it or lower --history")
+
+    def client_dataset(self, i: int, round_seed: int) -> tf.data.Dataset:
+        st, cfg = self.train_starts[i], self.cfg
         if len(st) > cfg.max_client_examples:
             st = np.sort(np.random.default_rng([round_seed, i]).choice(st, cfg.max_client_examples, replace=False))
-        x, y, _, _ = make_windows(series[i], tfeat, st, H, K)
+        x, y, _, _ = make_windows(self.series[i], self.tfeat, st, self.H, self.K)
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         return ds.shuffle(len(x), seed=round_seed).repeat(cfg.local_epochs).batch(cfg.batch_size)
 
-    def build_model():
-        return forecaster(H, K, cfg.model_dim, cfg.heads, cfg.layers, cfg.ff_dim, cfg.patch_len, season)
+    def targets(self, i: int) -> np.ndarray:
+        return self.series[i][self.test_starts[i][:, None] + self.H + np.arange(self.K)[None]]
 
-    def targets(i: int, starts: np.ndarray) -> np.ndarray:
-        return series[i][starts[:, None] + H + np.arange(K)[None]]
-
-    def predictions(model, i):
+    def predictions(self, model, i):
         """The model's forecasts of sensor i's test windows, in original units."""
-        st = test_starts[i]
-        infer = models.inference_fn(model)
-        preds = []
+        st, infer, preds = self.test_starts[i], models.inference_fn(model), []
         for s in range(0, len(st), EVAL_BATCH):
-            x, _, mu, sd = make_windows(series[i], tfeat, st[s : s + EVAL_BATCH], H, K)
+            x, _, mu, sd = make_windows(self.series[i], self.tfeat, st[s : s + EVAL_BATCH], self.H, self.K)
             preds.append(infer(x).numpy() * sd[:, None] + mu[:, None])
-        return np.concatenate(preds) if preds else np.zeros((0, K))
+        return np.concatenate(preds) if preds else np.zeros((0, self.K))
 
-    def naive_forecasts(i):
+    def naive_forecasts(self, i):
         """Persistence and same-step-last-week forecasts of sensor i's test
         windows (NaN where the value they copy is missing or out of reach)."""
-        st = test_starts[i]
-        persistence = np.repeat(series[i][st + H - 1][:, None], K, 1)
+        st, H, K, season = self.test_starts[i], self.H, self.K, self.season
+        persistence = np.repeat(self.series[i][st + H - 1][:, None], K, 1)
         tidx = st[:, None] + H + np.arange(K)[None]
-        week = series[i][tidx - season] if H >= season else np.full((len(st), K), np.nan)
+        week = self.series[i][tidx - season] if H >= season else np.full((len(st), K), np.nan)
         return persistence, week
 
-    def evaluate(model) -> Evaluation:
+    def evaluate(self, model) -> Evaluation:
         by_client, allp, allt = {}, [], []
-        for i, name in enumerate(sensors):
-            p, t = predictions(model, i), targets(i, test_starts[i])
+        for i, name in enumerate(self.names):
+            p, t = self.predictions(model, i), self.targets(i)
             if not len(t):
                 continue
             allp.append(p), allt.append(t)
-            by_client[name] = {k[1:]: v for k, v in _horizon_errors("", p, t, K, drop_missing=False).items()}
-        return Evaluation(_horizon_errors("test", np.concatenate(allp), np.concatenate(allt), K, drop_missing=False),
-                          by_client)
+            by_client[name] = {k[1:]: v for k, v in _horizon_errors("", p, t, self.K, drop_missing=False).items()}
+        overall = _horizon_errors("test", np.concatenate(allp), np.concatenate(allt), self.K, drop_missing=False)
+        return Evaluation(overall, by_client)
 
-    def baselines() -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    def baselines(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Persistence, same hour last week and pooled ridge regression on
         exactly the test windows the model is scored on, at h1 and hK:
         overall and per sensor."""
-        ridge = fit_ridge(series, tfeat, train_starts, H, K, season=season)
+        ridge = fit_ridge(self.series, self.tfeat, self.train_starts, self.H, self.K, season=self.season)
         names = ("persistence", "same_hour_last_week", "pooled_ridge")
         overall, by_sensor, preds, tt = {}, {}, {n: [] for n in names}, []
-        for i, sensor in enumerate(sensors):
-            t = targets(i, test_starts[i])
-            per, wk = naive_forecasts(i)
-            rid = ridge(series[i], test_starts[i]) if ridge else np.full_like(t, np.nan)
+        for i, sensor in enumerate(self.names):
+            t = self.targets(i)
+            per, wk = self.naive_forecasts(i)
+            rid = ridge(self.series[i], self.test_starts[i]) if ridge else np.full_like(t, np.nan)
             tt.append(t)
             for name, pred in zip(names, (per, wk, rid)):
                 preds[name].append(pred)
-                by_sensor.setdefault(sensor, {}).update(_horizon_errors(name, pred, t, K))
+                by_sensor.setdefault(sensor, {}).update(_horizon_errors(name, pred, t, self.K))
         t = np.concatenate(tt)
         for name in names:
-            overall.update(_horizon_errors(name, np.concatenate(preds[name]), t, K))
+            overall.update(_horizon_errors(name, np.concatenate(preds[name]), t, self.K))
         return overall, by_sensor
 
-    def export(model, path):
-        export_forecaster(model, H, K, path)
+    def summary(self, info: dict, repairs: dict) -> dict:
+        base_overall, base_by_sensor = self.baselines()
+        return {**info, **repairs, "season_steps": self.season, "sensors": self.names, "clients": len(self.names),
+                "history": self.H, "horizon": self.K, "test_cut": str(self.index[self.cut]),
+                "train_windows_per_sensor": {s: int(len(t)) for s, t in zip(self.names, self.train_starts)},
+                "test_windows_per_sensor": {s: int(len(t)) for s, t in zip(self.names, self.test_starts)},
+                "normalisation": "per window, from its own history (mean, spread)",
+                "baselines_this_split": base_overall, "baselines_by_client": base_by_sensor,
+                "baselines_reference": {"persistence_h1_mae": 78.0, "same_hour_last_week_h1_mae": 59.1,
+                                        "pooled_ridge_h1_mae": 44.7,
+                                        "note": "Auckland data, every test hour, measured on this machine"}}
 
-    base_overall, base_by_sensor = baselines()
-    summary = {**info, **repairs, "season_steps": season, "sensors": sensors, "clients": len(sensors), "history": H, "horizon": K,
-               "test_cut": str(frame.index[cut]),
-               "train_windows_per_sensor": {s: int(len(t)) for s, t in zip(sensors, train_starts)},
-               "test_windows_per_sensor": {s: int(len(t)) for s, t in zip(sensors, test_starts)},
-               "normalisation": "per window, from its own history (mean, spread)",
-               "baselines_this_split": base_overall, "baselines_by_client": base_by_sensor,
-               "baselines_reference": {"persistence_h1_mae": 78.0, "same_hour_last_week_h1_mae": 59.1,
-                                       "pooled_ridge_h1_mae": 44.7,
-                                       "note": "Auckland data, every test hour, measured on this machine"}}
+
+def build(cfg) -> Task:
+    ts = cfg.task_settings
+    frame, info = load_file(ts.traffic_data) if ts.traffic_data else load_akl()
+    frame, repairs = regularise(frame)
+    d = _Sensors(frame, cfg)
+    H, K = d.H, d.K
     return Task(
-        name="traffic", population=len(sensors), client_dataset=client_dataset, build_model=build_model,
+        name="traffic", population=len(d.names), client_dataset=d.client_dataset,
+        build_model=lambda: forecaster(H, K, ts.model_dim, ts.heads, ts.layers, ts.ff_dim, ts.patch_len, d.season),
         loss=lambda: tf.keras.losses.MeanAbsoluteError(), metrics=lambda: [tf.keras.metrics.MeanSquaredError(name="mse")],
-        evaluate=evaluate, export=export, summary=summary,
-        privacy_unit="one sensor site: its whole series", headline_metric="test_h1_mae",
-        client_names=tuple(sensors),
+        evaluate=d.evaluate, export=lambda model, path: export_forecaster(model, H, K, path),
+        summary=d.summary(info, repairs), privacy_unit="one sensor site: its whole series",
+        headline_metric="test_h1_mae", client_names=tuple(d.names),
     )
 
 

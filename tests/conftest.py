@@ -56,10 +56,10 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def keyboard_task():
-    from tff_pipeline.config import TrainConfig
+    from tff_pipeline.config import make
     import tasks
 
-    return tasks.build(TrainConfig(vocab_size=2000, model_dim=32, heads=2, ff_dim=64, max_client_examples=16,
+    return tasks.build(make(vocab_size=2000, model_dim=32, heads=2, ff_dim=64, max_client_examples=16,
                                    batch_size=8))
 
 

@@ -1,7 +1,6 @@
 """The cohort round (tff_pipeline.cohort) is TFF's per-client DP-FedAvg round:
 same clipping, clip update, noise and server step, only faster."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ def small():
     import tensorflow as tf
 
     from tff_pipeline import bench, models, runtime
-    from tff_pipeline.config import TrainConfig
+    from tff_pipeline.config import make
 
     def build():
         inp = tf.keras.Input(shape=(6,), dtype=tf.float32)
@@ -34,9 +33,9 @@ def small():
     task = bench._synthetic_task("small", build, lambda: tf.keras.losses.BinaryCrossentropy(from_logits=True),
                                  _make_client, 30, 4)
     runtime.install_context()
-    cfg = TrainConfig(task="small", clients_per_round=8, sampling="fixed", noise_multiplier=0.0, batch_size=4,
-                      client_learning_rate=0.2, server_optimizer="sgdm", server_learning_rate=1.0,
-                      server_momentum=0.5, initial_clip=0.05)
+    cfg = make(task="small", clients_per_round=8, sampling="fixed", noise_multiplier=0.0, batch_size=4,
+               client_learning_rate=0.2, server_optimizer="sgdm", server_learning_rate=1.0, server_momentum=0.5,
+               initial_clip=0.05)
     return task, cfg
 
 
@@ -93,7 +92,7 @@ def test_cohort_round_equals_tff_per_client_round_without_noise(small):
             assert got_m["client_work"]["clients"] == len(ids)
             assert got_m["aggregator"]["non_finite_updates_zeroed"] == sum(1 for i in ids if i % 3 == 0)
     clip = out.metrics["aggregator"]["dp_query_metrics"]["clip"]
-    assert clip != pytest.approx(cfg.initial_clip)  # the clip did adapt
+    assert clip != pytest.approx(cfg.privacy.initial_clip)  # the clip did adapt
 
 
 def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
@@ -104,7 +103,7 @@ def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
     from tff_pipeline import cohort
 
     task, cfg = small
-    cfg = dataclasses.replace(cfg, noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
+    cfg = cfg.replace(noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
     pcfg = _pcfg(cfg, task)
     process = cohort.build_process(task, cfg, pcfg)
     state = process.initialize()
@@ -113,7 +112,7 @@ def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
     state = process.next(state, cohort.shard_datasets(data, 2)).state
     after = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
     z_eff = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5
-    expected = z_eff * cfg.initial_clip / 8
+    expected = z_eff * cfg.privacy.initial_clip / 8
     assert before.size > 500
     assert np.std(after - before) == pytest.approx(expected, rel=0.08)
     assert abs(np.mean(after - before)) < 4 * expected / np.sqrt(before.size)
@@ -143,7 +142,7 @@ def test_clients_with_overflowing_updates_leave_the_model_finite(small):
 
     small_task, cfg = small
     task = bench._synthetic_task("one_batch", small_task.build_model, small_task.loss, _make_client, 30, 64)
-    cfg = dataclasses.replace(cfg, client_learning_rate=1e25)
+    cfg = cfg.replace(client_learning_rate=1e25)
     process = cohort.build_process(task, cfg, _pcfg(cfg, task))
     state = process.initialize()
     before = process.get_model_weights(state).trainable
@@ -172,14 +171,14 @@ def test_an_empty_cohort_is_a_noise_only_round(small):
     from tff_pipeline import cohort
 
     task, cfg = small
-    cfg = dataclasses.replace(cfg, noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
+    cfg = cfg.replace(noise_multiplier=1.0, clipped_count_stddev=2.0, server_momentum=0.0)
     process = cohort.build_process(task, cfg, _pcfg(cfg, task))
     state = process.initialize()
     before = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
     out = process.next(state, cohort.empty_shards(task.element_spec))
     after = np.concatenate([np.ravel(w) for w in process.get_model_weights(out.state).trainable])
     assert out.metrics["client_work"]["clients"] == 0
-    expected = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5 * cfg.initial_clip / 8
+    expected = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5 * cfg.privacy.initial_clip / 8
     assert np.std(after - before) == pytest.approx(expected, rel=0.08)
     # The same state and the same (empty) input again: a different draw. The noise comes from OS-seeded random
     # ops, not from --seed or anything else the outputs contain.
@@ -197,7 +196,7 @@ def test_dp_ftrl_tree_noise_comes_from_the_given_secret_seeds_and_restarts(small
     from tff_pipeline.mechanisms import DPFTRL
 
     task, cfg = small
-    cfg = dataclasses.replace(cfg, server_momentum=0.0)
+    cfg = cfg.replace(server_momentum=0.0)
     mech = DPFTRL(task.population, 8, 2.0, 1e-5, l2_norm_clip=0.05)
     process = mech.build_process(task, cfg)
     data = cohort.shard_datasets([task.client_dataset(i, 1) for i in (0, 3, 6, 9, 12, 15, 18, 21)], 2)

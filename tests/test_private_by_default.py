@@ -126,9 +126,9 @@ def test_an_empty_poisson_cohort_is_a_round_and_resumes(runs):
 
 def test_resuming_a_run_made_before_secret_sampling_is_refused():
     from tff_pipeline import train
-    from tff_pipeline.config import ConfigError, TrainConfig
+    from tff_pipeline.config import ConfigError, make
 
-    cfg = TrainConfig()
+    cfg = make()
     old = {"config": {k: v for k, v in cfg.to_json().items() if k != "public_sampling_seed"}}
     with pytest.raises(ConfigError, match=r"cannot resume x: it was made by an earlier version, which drew its "
                                           r"cohorts from --seed \(not secret\)"):

@@ -177,7 +177,7 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
 
     from tff_pipeline import report
     from tff_pipeline.io import atomic_write_text
-    from tff_pipeline.config import ConfigError, TrainConfig
+    from tff_pipeline.config import ConfigError
 
     if not run_dir:
         raise ConfigError("--run_dir is required: a training run's --output_dir")
@@ -189,12 +189,9 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
         saved = json.load(f)
     with open(os.path.join(run_dir, "privacy_report.json")) as f:
         rep = json.load(f)
-    import dataclasses
+    from tff_pipeline import checkpoint, config, train
 
-    from tff_pipeline import checkpoint, train
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved["config"].items() if k in names})
+    cfg = config.make(strict=False, **saved["config"])
     if saved.get("privacy_unit") != "client":
         raise ConfigError(f"--run_dir={run_dir}: the audit attacks client-level runs; this run protects "
                           f"{saved.get('privacy_unit')!r} units")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tff_pipeline.config import TrainConfig
+from tff_pipeline.config import TrainConfig, make, read_flagfile
 
 
 @dataclasses.dataclass
@@ -105,9 +105,9 @@ def w1(population: int = 1000, clients_per_round: int = 50) -> Workload:
     task = _synthetic_task(
         "w1", lambda: models.causal_transformer_lm(vocab, length, 96, 4, 1, 192),
         lambda: tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), make_client, population, 16)
-    cfg = TrainConfig(task="w1", clients_per_round=clients_per_round, noise_multiplier=1.0, batch_size=16,
-                      client_learning_rate=0.5, server_optimizer="adam", server_learning_rate=0.003,
-                      clipped_count_stddev=max(0.05 * clients_per_round, 1.0))  # TFF's default, or 1 for small cohorts
+    cfg = make(task="w1", clients_per_round=clients_per_round, noise_multiplier=1.0, batch_size=16,
+               client_learning_rate=0.5, server_optimizer="adam", server_learning_rate=0.003,
+               clipped_count_stddev=max(0.05 * clients_per_round, 1.0))  # TFF's default, or 1 for small cohorts
     return Workload("w1", task, cfg, clients_per_round,
                     f"causal Transformer, vocab 10k, len 20, d 96, {clients_per_round} clients x 64 seq, batch 16")
 
@@ -137,9 +137,9 @@ def w2(population: int = 1000, clients_per_round: int = 10) -> Workload:
 
     task = _synthetic_task("w2", build, lambda: tf.keras.losses.BinaryCrossentropy(from_logits=True),
                            make_client, population, 16)
-    cfg = TrainConfig(task="w2", clients_per_round=clients_per_round, noise_multiplier=0.5, batch_size=16,
-                      client_learning_rate=0.1, server_optimizer="adam", server_learning_rate=0.003,
-                      clipped_count_stddev=0.5)
+    cfg = make(task="w2", clients_per_round=clients_per_round, noise_multiplier=0.5, batch_size=16,
+               client_learning_rate=0.1, server_optimizer="adam", server_learning_rate=0.003,
+               clipped_count_stddev=0.5)
     return Workload("w2", task, cfg, clients_per_round,
                     f"tabular attention, 30 feature tokens, {clients_per_round} clients x {rows} rows, batch 16")
 
@@ -148,35 +148,18 @@ def real_task(name: str, config_file: str, clients_per_round: int = 0) -> Worklo
     """A real task at its default config (client level: DP-FedAvg)."""
     import tasks
 
-    cfg = TrainConfig(**read_flagfile(config_file))
+    cfg = make(**read_flagfile(config_file))
     if clients_per_round:
-        cfg = dataclasses.replace(cfg, clients_per_round=clients_per_round)
-    if cfg.target_epsilon is not None:
-        cfg = dataclasses.replace(cfg, target_epsilon=None, noise_multiplier=1.0)
+        cfg = cfg.replace(clients_per_round=clients_per_round)
+    if cfg.privacy.target_epsilon is not None:
+        cfg = cfg.replace(target_epsilon=None, noise_multiplier=1.0)
     task = tasks.build(cfg)
-    cpr = min(cfg.clients_per_round, task.population)
-    z = cfg.noise_multiplier or 0.0
-    if cfg.clipped_count_stddev is None and z >= 0.1 * cpr:  # small cohorts (medical): let adaptive clipping run
-        cfg = dataclasses.replace(cfg, clipped_count_stddev=z)
-    return Workload(name, task, dataclasses.replace(cfg, clients_per_round=cpr), cpr,
+    cpr = min(cfg.privacy.clients_per_round, task.population)
+    z = cfg.privacy.noise_multiplier or 0.0
+    if cfg.privacy.clipped_count_stddev is None and z >= 0.1 * cpr:  # small cohorts (medical): let clipping adapt
+        cfg = cfg.replace(clipped_count_stddev=z)
+    return Workload(name, task, cfg.replace(clients_per_round=cpr), cpr,
                     f"{name} task, {config_file}, {cpr} clients per round")
-
-
-def read_flagfile(path: str) -> dict[str, Any]:
-    """The TrainConfig settings of an absl flagfile (``--name=value`` lines)."""
-    from tff_pipeline import cli
-
-    types = cli.field_types(TrainConfig)
-    out = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("--") or "=" not in line:
-                continue
-            k, v = line[2:].split("=", 1)
-            if k in types:
-                out[k] = (v.lower() in ("1", "true")) if types[k] is bool else types[k](v)
-    return out
 
 
 def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
@@ -212,19 +195,41 @@ VARIANTS = ("pipeline", "per_client", "tff_stock", "central")
 
 def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print,
             workers=()) -> dict:
-    """Median seconds per round (after one warm-up round) of each variant."""
-    from tff_pipeline import cohort, dp_fedavg, runtime
+    """Median seconds per round (after one warm-up round) of each variant, the round-by-round ratio to central
+    Keras with its spread, and the memory each variant added."""
+    from tff_pipeline import mechanisms, runtime
 
     num_workers = runtime.install_context(workers)
-    from tff_pipeline import mechanisms
-
     pcfg = mechanisms.resolve(w.cfg, w.task).mechanism
     sampler = pcfg.sampler(public_seed=w.cfg.seed)  # timing only: every variant replays the same cohorts
     cohorts = [sampler.sample(r) for r in range(1, rounds + 2)]
     out = {"workload": w.name, "description": w.description, "clients_per_round": w.clients_per_round,
            "population": w.task.population, "workers": list(workers) or ["local"],
            "rounds_measured": rounds, "variants": {}}
-    steps, build_s, mem = {}, {}, {v: {"build_mb": 0.0, "rounds_mb": 0.0} for v in variants}
+    mem = {v: {"build_mb": 0.0, "rounds_mb": 0.0} for v in variants}
+    steps, build_s = _build_variants(w, pcfg, variants, num_workers, mem)
+    times, first, examples = _time_rounds(w, steps, cohorts, mem, log)
+    out["peak_rss_mb"] = rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
+    ex = statistics.median(examples)
+    for variant in variants:
+        med = statistics.median(times[variant])
+        out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": ex / med,
+                                    "build_s": build_s[variant], "first_round_s": first[variant],
+                                    "s_per_round": times[variant], "s_per_round_spread": spread(times[variant]),
+                                    # resident memory added while this variant was built, and while its rounds
+                                    # ran (summed positive growth): the variants share one process
+                                    "memory_growth_mb": mem[variant]}
+    _add_ratios(out["variants"])
+    _log_results(w.name, out["variants"], log)
+    log(f"{w.name:9s} peak RSS (Python + local worker) {rss:7.0f} MB")
+    return out
+
+
+def _build_variants(w: Workload, pcfg, variants, num_workers: int, mem: dict):
+    """Each variant's round function and the seconds its build took (memory growth added to ``mem``)."""
+    from tff_pipeline import cohort, dp_fedavg
+
+    steps, build_s = {}, {}
     for variant in variants:
         t0, m0 = time.monotonic(), _rss_mb()
         if variant == "central":
@@ -237,51 +242,51 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
             steps[variant] = _process_round(process, variant == "pipeline", num_workers)
         build_s[variant] = time.monotonic() - t0
         mem[variant]["build_mb"] = _rss_mb() - m0
-    times = {v: [] for v in variants}
+    return steps, build_s
+
+
+def _time_rounds(w: Workload, steps: dict, cohorts, mem: dict, log):
+    """Runs every variant on each round's cohort in turn; round 0 is the warm-up (tracing)."""
+    times = {v: [] for v in steps}
     first, examples = {}, []
     for r, ids in enumerate(cohorts):
         data = [w.task.client_dataset(int(i), r) for i in ids]
         if r:
             examples.append(_count_examples(data))
-        for variant in variants:
+        for variant, step in steps.items():
             m0, t = _rss_mb(), time.monotonic()
-            steps[variant](data)
+            step(data)
             dt = time.monotonic() - t
             mem[variant]["rounds_mb"] += max(0.0, _rss_mb() - m0)  # growth while this variant ran
-            if r:  # round 0 is the warm-up (tracing)
+            if r:
                 times[variant].append(dt)
             else:
                 first[variant] = dt
         log(f"{w.name:9s} round {r:3d} {len(ids):4d} clients  " +
-            "  ".join(f"{v} {(times[v][-1] if r else first[v]):6.3f} s" for v in variants))
-    rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
-    out["peak_rss_mb"] = rss
-    ex = statistics.median(examples)
-    for variant in variants:
-        med = statistics.median(times[variant])
-        out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": ex / med,
-                                    "build_s": build_s[variant], "first_round_s": first[variant],
-                                    "s_per_round": times[variant], "s_per_round_spread": spread(times[variant]),
-                                    # resident memory added while this variant was built, and while its rounds
-                                    # ran (summed positive growth): the variants share one process
-                                    "memory_growth_mb": mem[variant]}
-    c = out["variants"].get("central", {}).get("median_s_per_round")
-    if c:
-        for v in out["variants"].values():
-            v["ratio_to_central"] = v["median_s_per_round"] / c
-            # the same ratio round by round (both ran on that round's data), then the median: robust to drift
-            ratios = [a / b for a, b in zip(v["s_per_round"], out["variants"]["central"]["s_per_round"])]
-            v["median_ratio_per_round"] = statistics.median(ratios)
-            v["ratio_per_round_spread"] = spread(ratios)  # the target is held on its median
-    for v, m in out["variants"].items():
-        log(f"{w.name:9s} {v:10s} {m['median_s_per_round']:7.3f} s/round  {m['examples_per_s']:9.0f} ex/s  "
+            "  ".join(f"{v} {(times[v][-1] if r else first[v]):6.3f} s" for v in steps))
+    return times, first, examples
+
+
+def _add_ratios(variants: dict) -> None:
+    c = variants.get("central", {}).get("median_s_per_round")
+    if not c:
+        return
+    for v in variants.values():
+        v["ratio_to_central"] = v["median_s_per_round"] / c
+        # the same ratio round by round (both ran on that round's data), then the median: robust to drift
+        ratios = [a / b for a, b in zip(v["s_per_round"], variants["central"]["s_per_round"])]
+        v["median_ratio_per_round"] = statistics.median(ratios)
+        v["ratio_per_round_spread"] = spread(ratios)  # the target is held on its median
+
+
+def _log_results(name: str, variants: dict, log) -> None:
+    for v, m in variants.items():
+        log(f"{name:9s} {v:10s} {m['median_s_per_round']:7.3f} s/round  {m['examples_per_s']:9.0f} ex/s  "
             f"build {m['build_s']:5.1f} s  first round {m['first_round_s']:6.2f} s" +
             (f"  {m['ratio_to_central']:.2f}x central (round by round min/median/max "
              f"{m['ratio_per_round_spread']['min']:.2f}/{m['median_ratio_per_round']:.2f}/"
-             f"{m['ratio_per_round_spread']['max']:.2f}x)" if c else "")
+             f"{m['ratio_per_round_spread']['max']:.2f}x)" if "ratio_to_central" in m else "")
             + f"  memory +{m['memory_growth_mb']['build_mb']:.0f} MB build, +{m['memory_growth_mb']['rounds_mb']:.0f} MB rounds")
-    log(f"{w.name:9s} peak RSS (Python + local worker) {rss:7.0f} MB")
-    return out
 
 
 def _process_round(process, sharded: bool, num_workers: int) -> Callable[[list], None]:

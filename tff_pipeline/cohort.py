@@ -204,13 +204,54 @@ def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartab
     return process
 
 
+def _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr: float) -> None:
+    """One local SGD step of a client on ``batch``, updating TFF's metrics as its forward_pass would, except that
+    the loss metric takes this batch loss instead of computing it again. (An empty batch stands for a client
+    without data: Keras gives it loss 0 and zero gradients, and it is kept out of the metrics.)"""
+    import tensorflow as tf
+
+    x, y = batch
+    with tf.GradientTape() as tape:
+        predictions = keras_model(x, training=True)
+        batch_loss = loss_fn(y, predictions)
+        loss = tf.add_n([batch_loss] + keras_model.losses)  # as TFF's forward_pass
+    if tf.shape(predictions)[0] > 0:
+        for m in metrics:
+            if m.name == "loss":
+                tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
+            else:
+                m.update_state(y, predictions)
+    for v, g in zip(trainable, tape.gradient(loss, trainable)):
+        if g is None:
+            continue
+        if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
+            v.scatter_sub(tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
+        else:
+            v.assign_sub(lr * g)
+
+
+def _add_clipped_record(query, params, acc, zeroed, initial, trainable) -> None:
+    """Adds a finished client's update (broadcast minus local weights), clipped by the DP query, to ``acc``. An
+    update that is not finite (entries or norm) is replaced by zeros; it and an all-zero one are counted."""
+    import tensorflow as tf
+
+    from tff_pipeline import dp_fedavg
+
+    delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
+    finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
+    all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
+    delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
+    zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
+    record = query.preprocess_record(params, tuple(delta))
+    summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
+    tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)
+
+
 def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
     """The TF function that trains a shard's clients one after another from the broadcast model and
     returns the sum of their clipped records (see the module docstring)."""
     import tensorflow as tf
     import tensorflow_federated as tff
-
-    from tff_pipeline import dp_fedavg
 
     model = model_fn()
     keras_model, loss_fn, metrics = model._keras_model, loss(), model.get_metrics()
@@ -236,14 +277,7 @@ def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
             clients.assign_add(1)
 
         def finish_client():
-            delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
-            finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
-            all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
-            delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
-            zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
-            record = query.preprocess_record(params, tuple(delta))
-            summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
-            tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)
+            _add_clipped_record(query, params, acc, zeroed, initial, trainable)
 
         # tf.not_equal, not !=: inside a TFF computation's graph, != on tensors is Python identity.
         for slot, batch in shard:
@@ -251,27 +285,7 @@ def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
                 if tf.greater_equal(current.read_value(), 0):
                     finish_client()
                 start_client(slot)
-            x, y = batch
-            with tf.GradientTape() as tape:
-                predictions = keras_model(x, training=True)
-                batch_loss = loss_fn(y, predictions)
-                loss = tf.add_n([batch_loss] + keras_model.losses)  # as TFF's forward_pass
-            # TFF's metrics, but the loss metric takes this batch loss instead of computing it again.
-            # (An empty batch stands for a client without data: Keras gives it loss 0 and zero
-            # gradients, and it is kept out of the metrics.)
-            if tf.shape(predictions)[0] > 0:
-                for m in metrics:
-                    if m.name == "loss":
-                        tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
-                    else:
-                        m.update_state(y, predictions)
-            for v, g in zip(trainable, tape.gradient(loss, trainable)):
-                if g is None:
-                    continue
-                if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
-                    v.scatter_sub(tf.IndexedSlices(lr * g.values, g.indices, g.dense_shape))
-                else:
-                    v.assign_sub(lr * g)
+            _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr)
         if tf.greater_equal(current.read_value(), 0):
             finish_client()
         return (tf.nest.map_structure(tf.identity, acc), model.report_local_unfinalized_metrics(),

@@ -25,6 +25,43 @@ import collections
 import numpy as np
 
 
+def _per_example_gradients(model, loss_obj, trainable, xb, yb):
+    """Each example's gradient (a Jacobian row per example) and its L2 norm. An example whose gradient has NaN/Inf
+    gets a zero gradient and norm (a function of that example alone: the sensitivity, hence the guarantee, is
+    unchanged); returns also how many there were, for the operator."""
+    import tensorflow as tf
+
+    m = tf.shape(xb)[0]
+    with tf.GradientTape() as tape:
+        losses = loss_obj(yb, model.predict_on_batch(xb, training=True))
+    jac = tape.jacobian(losses, trainable, experimental_use_pfor=True)
+    jac = [tf.zeros([0] + v.shape.as_list()) if j is None else j for v, j in zip(trainable, jac)]
+    norms = tf.sqrt(tf.add_n([tf.reduce_sum(tf.reshape(j, [m, -1]) ** 2, axis=1) for j in jac]))
+    ok = tf.math.is_finite(norms)
+    jac = [tf.where(tf.reshape(ok, [-1] + [1] * (len(v.shape))), j, tf.zeros_like(j)) for v, j in zip(trainable, jac)]
+    return jac, tf.where(ok, norms, 0.0), tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
+
+
+def _dp_sgd_step(model, loss_obj, trainable, x, y, q, seeds, step, *, learning_rate, l2_norm_clip, noise_multiplier,
+                 expected_batch_size):
+    """One DP-SGD step (Abadi et al. 2016) in place on ``trainable``: a Poisson-sampled batch (each example joins
+    with probability q; its size is random), per-example clipping to ``l2_norm_clip``, Gaussian noise of std
+    ``noise_multiplier`` × clip, divided by the expected batch size. Returns (fraction clipped, non-finite count)."""
+    import tensorflow as tf
+
+    seed0, seed1 = seeds
+    take = tf.random.stateless_uniform([tf.shape(x)[0]], seed=tf.stack([seed0, seed1 + step * 7919])) < q
+    xb, yb = tf.boolean_mask(x, take), tf.boolean_mask(y, take)
+    jac, norms, non_finite = _per_example_gradients(model, loss_obj, trainable, xb, yb)
+    factor = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
+    clipped = tf.reduce_mean(tf.cast(norms > l2_norm_clip, tf.float32)) if tf.shape(xb)[0] > 0 else 0.0
+    for i, (v, j) in enumerate(zip(trainable, jac)):
+        noise = tf.random.stateless_normal(tf.shape(v), seed=tf.stack([seed0 + i + 1, seed1 + step * 7919]),
+                                           stddev=noise_multiplier * l2_norm_clip)
+        v.assign_sub(learning_rate * (tf.tensordot(factor, j, axes=1) + noise) / float(expected_batch_size))
+    return clipped, non_finite
+
+
 def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: float, noise_multiplier: float,
                       local_steps: int, expected_batch_size: int):
     import tensorflow as tf
@@ -36,6 +73,8 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     element_type = tff.types.tensorflow_to_type(model.input_spec)
     data_type = tff.SequenceType(element_type)
     weights_type = tff.learning.models.weights_type_from_model(model)
+    step_args = dict(learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+                     expected_batch_size=expected_batch_size)
 
     def make_update():
         model = model_fn()
@@ -46,42 +85,18 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
         def update(initial_weights, dataset):
             weights = tff.learning.models.ModelWeights.from_model(model)
             tf.nest.map_structure(lambda a, b: a.assign(b), weights, initial_weights)
-            trainable = weights.trainable
             x, y = tf.data.experimental.get_single_element(dataset)  # the whole client, one element
-            n = tf.shape(x)[0]
-            q = tf.minimum(1.0, expected_batch_size / tf.cast(n, tf.float32))
+            q = tf.minimum(1.0, expected_batch_size / tf.cast(tf.shape(x)[0], tf.float32))
             # Secret per call: unseeded stateful ops draw their seeds from the OS (TFF traces in graphs with no
             # graph-level seed, so --seed does not reach them).
-            seed0 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
-            seed1 = tf.random.uniform([], 0, 2**62, dtype=tf.int64)
-            clipped = tf.constant(0.0)
-            non_finite = tf.constant(0.0)
+            seeds = (tf.random.uniform([], 0, 2**62, dtype=tf.int64), tf.random.uniform([], 0, 2**62, dtype=tf.int64))
+            clipped, non_finite = tf.constant(0.0), tf.constant(0.0)
             for step in tf.range(local_steps, dtype=tf.int64):
-                take = tf.random.stateless_uniform([n], seed=tf.stack([seed0, seed1 + step * 7919])) < q
-                # Per-example gradients of the Poisson-sampled batch only (its size is random).
-                xb, yb = tf.boolean_mask(x, take), tf.boolean_mask(y, take)
-                m = tf.shape(xb)[0]
-                with tf.GradientTape() as tape:
-                    losses = loss_obj(yb, model.predict_on_batch(xb, training=True))
-                jac = tape.jacobian(losses, trainable, experimental_use_pfor=True)
-                jac = [tf.zeros([0] + v.shape.as_list()) if j is None else j for v, j in zip(trainable, jac)]
-                norms = tf.sqrt(tf.add_n([tf.reduce_sum(tf.reshape(j, [m, -1]) ** 2, axis=1) for j in jac]))
-                # An example whose gradient has NaN/Inf contributes zero (a function of that example alone:
-                # the sensitivity, hence the guarantee, is unchanged); counted for the operator.
-                ok = tf.math.is_finite(norms)
-                non_finite += tf.reduce_sum(tf.cast(tf.logical_not(ok), tf.float32))
-                norms = tf.where(ok, norms, 0.0)
-                jac = [tf.where(tf.reshape(ok, [-1] + [1] * (len(v.shape))), j, tf.zeros_like(j))
-                       for v, j in zip(trainable, jac)]
-                factor = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
-                clipped += tf.reduce_mean(tf.cast(norms > l2_norm_clip, tf.float32)) if m > 0 else 0.0
-                for i, (v, j) in enumerate(zip(trainable, jac)):
-                    noise = tf.random.stateless_normal(tf.shape(v), seed=tf.stack([seed0 + i + 1, seed1 + step * 7919]),
-                                                       stddev=noise_multiplier * l2_norm_clip)
-                    v.assign_sub(learning_rate * (tf.tensordot(factor, j, axes=1) + noise) / float(expected_batch_size))
+                c, nf = _dp_sgd_step(model, loss_obj, weights.trainable, x, y, q, seeds, step, **step_args)
+                clipped, non_finite = clipped + c, non_finite + nf
             # Metrics of the local model on the client's data (operator-side, not private).
             model.forward_pass((x, y), training=False)
-            delta = tf.nest.map_structure(tf.subtract, initial_weights.trainable, trainable)
+            delta = tf.nest.map_structure(tf.subtract, initial_weights.trainable, weights.trainable)
             result = tff.learning.templates.ClientResult(update=delta, update_weight=tf.constant(1.0))
             return result, model.report_local_unfinalized_metrics(), clipped / float(local_steps), non_finite
 
@@ -107,8 +122,9 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
-def build_process(task, cfg, noise_multiplier: float, frozen=()):
-    """The example-level DP learning process for ``task``."""
+def build_process(task, cfg, mech, frozen=()):
+    """The example-level DP learning process for ``task``: clip, noise, steps and batch size are those of ``mech``
+    (a DPSGDInClient), the mechanism the accounting describes."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -123,8 +139,8 @@ def build_process(task, cfg, noise_multiplier: float, frozen=()):
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     client_work = build_client_work(model_fn, task.loss, learning_rate=cfg.client_learning_rate,
-                                    l2_norm_clip=cfg.l2_norm_clip, noise_multiplier=noise_multiplier,
-                                    local_steps=cfg.local_steps, expected_batch_size=cfg.batch_size)
+                                    l2_norm_clip=mech.l2_norm_clip, noise_multiplier=mech.noise_multiplier,
+                                    local_steps=mech.local_steps, expected_batch_size=mech.batch_size)
     # Weighted mean with every client weight 1.0: the unweighted mean of the client deltas.
     aggregator = tff.aggregators.MeanFactory().create(weights_type.trainable, tff.TensorType(np.float32))
     finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)

@@ -74,6 +74,7 @@ def build(
         "noise_calibration": noise_calibration,
         **accounting(mech, entries),
         "sampling_secret": sampling_secret,
+        "sampling_randomness": mech.sampling_randomness,
         "releases": releases,
         "not_covered": list((releases or {}).get("not_covered", ())) + list((releases or {}).get("not_counted", ())),
         "model_initialisation": initialisation or "random (no pre-training)",
@@ -170,30 +171,16 @@ def statement(r: dict[str, Any], mech) -> str:
     if r.get("epsilon_pld") is not None:
         text += f"; the PLD accountant gives ε = {r['epsilon_pld']:.4g} for the same event"
     text += mech.statement_tail(r)
-    text += _randomness(r, example)
+    text += _randomness(r, mech)
     text += (". The guarantee covers everything computed from the noisy aggregates, including the final model"
-             + (" and the clip norms" if r.get("mechanism_name") == "dp_fedavg" else "") + ".")
+             + (" and the clip norms" if mech.released_by_mechanism else "") + ".")
     return text + _context(r)
 
 
-def _randomness(r: dict[str, Any], example: bool) -> str:
+def _randomness(r: dict[str, Any], mech) -> str:
     """What the guarantee relies on being secret, or the warning that it is not (public sampling seed)."""
     text = ""
-    if example:
-        secret = ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
-                  "operating system; no output of the run contains them")  # nothing records DP-SGD's batches
-    elif r.get("mechanism_name") == "dp_ftrl":
-        secret = ("the tree's noise draws from a secret seed taken from the operating system (Python's secrets "
-                  "module) at every new tree, never from the clock; it lives only in the training state "
-                  "(checkpoints/, operator-only). No amplification by sampling is claimed, so the guarantee "
-                  "does not rely on keeping the cohorts secret")
-    elif r.get("sampling_secret", True):
-        secret = ("client sampling draws from secret operating-system randomness (Python's secrets module) and the "
-                  "noise from unseeded random ops that TensorFlow seeds from the operating system; no released "
-                  "output of the run contains either (which clients took part is kept in "
-                  "operator/participation.jsonl, operator-only)")
-    else:
-        secret = None
+    secret = mech.secret_randomness(r.get("sampling_secret", True))
     if secret:
         text += f". The guarantee relies on randomness unknown to the adversary: {secret}"
     else:
@@ -269,11 +256,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     if r.get("tree_sizes"):
         rows.append(("Trees (steps each)", ", ".join(map(str, r["tree_sizes"]))))
-    rows.append(("Sampling randomness", "not relied on (no amplification by sampling claimed); tree noise seeds "
-                 "secret (operating system)" if r.get("mechanism_name") == "dp_ftrl" else
-                 "secret (operating system)" if r.get("sampling_secret", True) else
-                 f"**public** (--public_sampling_seed): ε without amplification for the most frequent client = "
-                 f"{_fmt(r.get('epsilon_known_sampling'))} ({r.get('max_participations')} round results)"))
+    public = (f"**public** (--public_sampling_seed): ε without amplification for the most frequent client = "
+              f"{_fmt(r.get('epsilon_known_sampling'))} ({r.get('max_participations')} round results)")
+    rows.append(("Sampling randomness", r.get("sampling_randomness")
+                 or ("secret (operating system)" if r.get("sampling_secret", True) else public)))
     if r.get("noise_calibration"):
         c = r["noise_calibration"]
         rows.append(("Noise calibration", f"z calibrated for target ε = {c['target_epsilon']:g} over {c['rounds']} rounds"

@@ -15,6 +15,7 @@ import shutil
 from importlib import metadata
 from typing import Any
 
+from tff_pipeline import config
 from tff_pipeline.config import ConfigError, TrainConfig
 
 PACKAGES = ("tensorflow", "tensorflow-federated", "tensorflow-privacy", "dp-accounting", "keras", "numpy",
@@ -32,19 +33,11 @@ def operator_path(out: str, name: str) -> str:
 def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, Any]:
     """What the run directory holds, split into what the DP guarantee covers
     and the operator-only values computed from private data without noise."""
-    unit = mech.unit
-    covered = ["saved_model/ and final_weights.h5: the trained model"]
-    if mech.name == "dp_fedavg":
-        covered.append("the adaptive clip norm of each round (a function of the noisy aggregates; it is in "
-                       "operator/metrics.csv beside values that are not covered)")
-    covered += ["privacy_report.json/.md and ledger.jsonl: the settings, the recorded DpEvents and ε",
-                "config.json: the settings, package versions and the command"]
-    public = ("Population sizes are treated as public: the number of training clients "
-              + (f"({task.population}) and each client's number of training examples, which sets its DP-SGD "
-                 f"sampling rate q" if unit == "example" else
-                 f"({task.population}), which sets the number of rounds per epoch" if mech.name == "dp_ftrl" else
-                 f"({task.population}), which sets the sampling rate q")
-              + ". They appear in config.json and this report.")
+    covered = ["saved_model/ and final_weights.h5: the trained model", *mech.released_by_mechanism,
+               "privacy_report.json/.md and ledger.jsonl: the settings, the recorded DpEvents and ε",
+               "config.json: the settings, package versions and the command"]
+    public = (f"Population sizes are treated as public: {mech.public_sizes(task.population)}. They appear in "
+              f"config.json and this report.")
     data_keys = ", ".join(sorted(task.summary)) or "none"
     not_covered = [
         "operator/metrics.csv: per-round training loss and accuracy, example and batch counts summed over the "
@@ -57,15 +50,8 @@ def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, A
         "by this guarantee at all).",
         f"operator/data_summary.json: facts computed from the clients' data without noise ({data_keys}).",
         "operator/participation.jsonl: which clients took part in which round and attempt"
-        + (" (every client in every round; nothing in it is secret)." if unit == "example" else
-           " (DP-FTRL's schedule: ε does not rely on it being secret, but it says who took part)."
-           if mech.name == "dp_ftrl" else
-           " (the secret sampling outcome: released, it would void the amplification by sampling that ε relies on)."
-           if secret_sampling else " (reproducible from --public_sampling_seed; see the sampling note)."),
-        ("checkpoints/: the training state, which holds DP-FTRL's secret tree noise seed and un-noised partial "
-         "tree sums (released, it would void the guarantee), with the latest held-out metrics in meta.json."
-         if mech.name == "dp_ftrl" else
-         "checkpoints/: the training state (covered) with the latest held-out metrics in meta.json (not covered)."),
+        + mech.participation_note(secret_sampling),
+        mech.checkpoint_note,
     ]
     if task.client_names:
         not_covered.append("operator/heldout_by_client.csv: held-out metrics per client (per hospital or sensor), "
@@ -85,13 +71,6 @@ RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_w
              # written at the top level by versions before operator/: removed by --overwrite too
              "metrics.csv", "summary.json", "heldout_by_client.csv", "audit.json", "privacy_report.png")
 RUN_DIRS = ("saved_model", "checkpoints", OPERATOR_DIR)
-# Settings that may differ when a run is resumed; any other change is refused.
-RESUMABLE_CHANGES = ("rounds", "eval_every", "max_epsilon", "checkpoint_every", "keep_checkpoints", "resume",
-                     "output_dir", "audit", "workers")
-PRIVACY_FIELDS = ("mechanism", "ftrl_clip", "initial_clip", "target_unclipped_quantile", "clip_learning_rate",
-                  "noise_multiplier", "target_epsilon", "clients_per_round", "sampling", "public_sampling_seed", "delta",
-                  "clipped_count_stddev", "privacy_unit", "l2_norm_clip", "local_steps", "batch_size",
-                  "max_client_examples", "seed", "task", "traffic_data", "medical_data")
 
 
 def prepare_output_dir(path: str, overwrite: bool, resume: bool = True):
@@ -160,9 +139,10 @@ def check_resume_compatible(cfg: TrainConfig, previous: dict, mech, path: str) -
                           f"--seed (not secret) and kept data-dependent files beside the model; start a new run in "
                           f"another --output_dir (or pass --overwrite to replace it)")
     for k, v in cfg.to_json().items():
-        if k in RESUMABLE_CHANGES or k not in old or old[k] == v:
+        kind = config.kind_of(k)  # the settings' own metadata: no list of names kept by hand
+        if kind == "resumable" or k not in old or old[k] == v:
             continue
-        why = ("the privacy accounting must describe one mechanism for every round" if k in PRIVACY_FIELDS
+        why = ("the privacy accounting must describe one mechanism for every round" if kind == "privacy"
                else "the saved training state belongs to the original settings")
         raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
                           f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "

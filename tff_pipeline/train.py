@@ -30,14 +30,15 @@ from tff_pipeline.rundir import (AUDIT_NOT_COVERED, OPERATOR_DIR, RUN_DIRS, RUN_
 
 def privacy_headline(cfg: TrainConfig, defaulted: bool) -> str:
     """The run's first line: which ε it aims at, or that it is not private."""
-    if cfg.target_epsilon is not None:
+    p = cfg.privacy
+    if p.target_epsilon is not None:
         why = (f"the {cfg.task} task's default; set --target_epsilon or --noise_multiplier to choose, "
                f"--noise_multiplier=0 for no DP" if defaulted else "--target_epsilon")
-        return f"privacy: aiming at ε = {cfg.target_epsilon:g} (δ = {cfg.delta:g}) over {cfg.rounds} rounds ({why})"
-    if cfg.noise_multiplier == 0:
+        return f"privacy: aiming at ε = {p.target_epsilon:g} (δ = {p.delta:g}) over {cfg.rounds} rounds ({why})"
+    if p.noise_multiplier == 0:
         return ("privacy: NONE. --noise_multiplier=0 trains WITHOUT differential privacy; no (ε, δ) guarantee "
                 "will hold for this model")
-    return (f"privacy: noise multiplier {cfg.noise_multiplier:g} (--noise_multiplier); the ε it gives over "
+    return (f"privacy: noise multiplier {p.noise_multiplier:g} (--noise_multiplier); the ε it gives over "
             f"{cfg.rounds} rounds follows once the data is loaded")
 
 
@@ -269,7 +270,7 @@ def _start_training_state(run: Run, ckpt) -> None:
     run.state = run.process.initialize()
     tf.keras.utils.set_random_seed(cfg.seed)  # the start model comes from --seed
     run.keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
-    run.sampler = mech.sampler(cfg.public_sampling_seed)
+    run.sampler = mech.sampler(cfg.privacy.public_sampling_seed)
     if ckpt:
         run.state, meta = checkpoint.load(ckpt[1], run.state)
         run.first_round, run.pretrain = ckpt[0] + 1, meta.get("pretrain")

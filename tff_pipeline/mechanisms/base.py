@@ -124,10 +124,50 @@ class Mechanism:
         """Fields only this mechanism's report has."""
         return {}
 
+    # What the report and the run directory's release notes say that depends on the mechanism.
+    released_by_mechanism: ClassVar[tuple[str, ...]] = ()  # released values it computes from the noisy aggregates
+    population_sets: ClassVar[str] = "the sampling rate q"  # what the (public) population size sets
+    sampling_randomness: ClassVar[Optional[str]] = None  # the report's row, where not "secret"/"public" sampling
+    checkpoint_note: ClassVar[str] = ("checkpoints/: the training state (covered) with the latest held-out metrics "
+                                      "in meta.json (not covered).")
+
+    def public_sizes(self, population: int) -> str:
+        """The population sizes this mechanism uses (treated as public) and what they set."""
+        return f"the number of training clients ({population}), which sets {self.population_sets}"
+
+    def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
+        """What the guarantee relies on being unknown to the adversary; None when it is not (public sampling)."""
+        raise NotImplementedError
+
+    def participation_note(self, sampling_secret: bool) -> str:
+        """What operator/participation.jsonl is, for this mechanism."""
+        raise NotImplementedError
+
     def before_round(self, process, state, plan: RoundPlan):
         """The process state to run ``plan``'s round from (DP-FTRL restarts its tree here)."""
         return state
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """The run's mechanism, how z was chosen, and (example level) each client's own mechanism."""
+
+    mechanism: Mechanism
+    calibration: Optional[dict]
+    per_client: Optional[dict] = None
+
+
+def calibration(cfg, z: float) -> dict:
+    return {"target_epsilon": cfg.privacy.target_epsilon, "rounds": cfg.rounds, "calibrated_noise_multiplier": z}
+
+
+def calibrated(make, cfg) -> tuple[float, Optional[dict]]:
+    p = cfg.privacy
+    if p.target_epsilon is None:
+        return p.noise_multiplier, None
+    z = calibrate(make, cfg.rounds, p.target_epsilon, p.delta)
+    return z, calibration(cfg, z)
 
 
 def collapse(events: Sequence[dpe.DpEvent]) -> dpe.DpEvent:

@@ -19,7 +19,7 @@ import numpy as np
 import dp_accounting
 from dp_accounting import dp_event as dpe
 
-from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, RoundPlan
+from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrate, calibration
 
 SAMPLING_SCHEMES = ("poisson", "fixed")
 
@@ -129,6 +129,33 @@ class DPFedAvgAdaptive(Mechanism):
             return 0.0
         return self.epsilon_of(dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(self.event_noise_multiplier),
                                                        max_participations))[0]
+
+    @classmethod
+    def resolve(cls, cfg, task) -> Resolved:
+        p = cfg.privacy
+        z, calib = p.noise_multiplier, None
+        if p.target_epsilon is not None:
+            z = calibrate_dp_fedavg(p.target_epsilon, cfg.rounds, task.population, p.clients_per_round, p.delta,
+                                    p.sampling, p.clipped_count_stddev)
+            calib = calibration(cfg, z)
+        return Resolved(cls(task.population, p.clients_per_round, z, p.delta, p.sampling, p.clipped_count_stddev,
+                            p.initial_clip, p.target_unclipped_quantile, p.clip_learning_rate), calib)
+
+    released_by_mechanism: ClassVar[tuple[str, ...]] = (
+        "the adaptive clip norm of each round (a function of the noisy aggregates; it is in operator/metrics.csv "
+        "beside values that are not covered)",)
+
+    def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
+        if not sampling_secret:
+            return None
+        return ("client sampling draws from secret operating-system randomness (Python's secrets module) and the "
+                "noise from unseeded random ops that TensorFlow seeds from the operating system; no released "
+                "output of the run contains either (which clients took part is kept in "
+                "operator/participation.jsonl, operator-only)")
+
+    def participation_note(self, sampling_secret: bool) -> str:
+        return (" (the secret sampling outcome: released, it would void the amplification by sampling that ε relies "
+                "on)." if sampling_secret else " (reproducible from --public_sampling_seed; see the sampling note).")
 
     def report_extras(self, entries) -> dict[str, Any]:
         return {"update_noise_multiplier": self.update_noise_multiplier,
@@ -277,3 +304,25 @@ def check_adaptive_clipping(noise_multiplier: float, clients_per_round: int, cli
             f"--noise_multiplier={noise_multiplier} is too large for adaptive clipping with "
             f"clipped_count_stddev={sb:g} (must be < 2 x clipped_count_stddev); set "
             f"--clipped_count_stddev to e.g. {need:.3g}, {more}or lower --noise_multiplier")
+
+
+def calibrate_dp_fedavg(target_epsilon: float, rounds: int, population: int, clients_per_round: int, delta: float,
+                        sampling: str = "poisson", clipped_count_stddev: Optional[float] = None) -> float:
+    """Smallest z whose RDP ε of DP-FedAvg after ``rounds`` rounds is <= target_epsilon. The DpEvent does not
+    depend on σ_b: the search runs without the adaptive-clipping bound, and the answer is checked after."""
+    z = calibrate(lambda z: DPFedAvgAdaptive(population, clients_per_round, z, delta, sampling, math.inf),
+                  rounds, target_epsilon, delta)
+    check_calibrated(z, clients_per_round, clipped_count_stddev, target_epsilon, rounds, population)
+    return z
+
+
+def check_calibrated(z: float, clients_per_round, clipped_count_stddev, target_epsilon: float, rounds: int,
+                     population: Optional[int] = None) -> None:
+    """check_adaptive_clipping for a calibrated z, with a message about the target."""
+    try:
+        check_adaptive_clipping(z, clients_per_round, clipped_count_stddev, population)
+    except PrivacyConfigError as e:
+        fix = str(e).split("; ", 1)[1].replace("or lower --noise_multiplier", "or raise --target_epsilon")
+        raise PrivacyConfigError(
+            f"--target_epsilon={target_epsilon:g} over --rounds={rounds} needs noise multiplier {z:.4f}, too large "
+            f"for adaptive clipping (z must be < 2 x clipped_count_stddev); {fix}") from None

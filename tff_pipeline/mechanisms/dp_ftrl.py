@@ -39,7 +39,8 @@ import numpy as np
 import dp_accounting
 from dp_accounting import dp_event as dpe
 
-from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, RoundPlan, collapse, event_to_json
+from tff_pipeline.mechanisms.base import (Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrated, collapse,
+                                          event_to_json)
 from tff_pipeline.mechanisms.dp_fedavg import check_cohort, check_noise_delta, train_metrics
 
 
@@ -123,6 +124,35 @@ class DPFTRL(Mechanism):
             return None
         sizes = self.tree_sizes(entries if entries is not None else self.planned_entries(rounds))
         return sum(math.ceil(math.log2(n + 1)) for n in sizes) / (2 * self.noise_multiplier**2)
+
+    @classmethod
+    def resolve(cls, cfg, task) -> Resolved:
+        p = cfg.privacy
+        if p.sampling != "poisson":
+            raise PrivacyConfigError(f"--sampling={p.sampling} does not apply to --mechanism=dp_ftrl, which samples "
+                                     f"nobody (each epoch is a shuffled pass in cohorts); drop --sampling")
+
+        def make(z):
+            return cls(task.population, p.clients_per_round, z, p.delta, p.ftrl_clip)
+
+        z, calib = calibrated(make, cfg)
+        return Resolved(make(z), calib)
+
+    population_sets: ClassVar[str] = "the number of rounds per epoch"
+    sampling_randomness: ClassVar[Optional[str]] = ("not relied on (no amplification by sampling claimed); tree noise "
+                                                    "seeds secret (operating system)")
+    checkpoint_note: ClassVar[str] = (
+        "checkpoints/: the training state, which holds DP-FTRL's secret tree noise seed and un-noised partial tree "
+        "sums (released, it would void the guarantee), with the latest held-out metrics in meta.json.")
+
+    def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
+        return ("the tree's noise draws from a secret seed taken from the operating system (Python's secrets "
+                "module) at every new tree, never from the clock; it lives only in the training state "
+                "(checkpoints/, operator-only). No amplification by sampling is claimed, so the guarantee "
+                "does not rely on keeping the cohorts secret")
+
+    def participation_note(self, sampling_secret: bool) -> str:
+        return " (DP-FTRL's schedule: ε does not rely on it being secret, but it says who took part)."
 
     def report_extras(self, entries) -> dict[str, Any]:
         return {"tree_sizes": self.tree_sizes(entries)}

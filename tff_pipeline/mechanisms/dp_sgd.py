@@ -13,7 +13,7 @@ import numpy as np
 import dp_accounting
 from dp_accounting import dp_event as dpe
 
-from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, RoundPlan
+from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrated
 from tff_pipeline.mechanisms.dp_fedavg import train_metrics
 
 
@@ -89,10 +89,39 @@ class DPSGDInClient(Mechanism):
     def build_process(self, task, cfg):
         from tff_pipeline import dp_sgd
 
-        return dp_sgd.build_process(task, cfg, self.noise_multiplier, cfg.frozen_layers)
+        return dp_sgd.build_process(task, cfg, self, cfg.frozen_layers)
 
     def read_round(self, m: dict[str, float]) -> tuple[dict[str, float], Optional[float]]:
         return train_metrics(m), self.l2_norm_clip
+
+    @classmethod
+    def resolve(cls, cfg, task) -> Resolved:
+        """The accounted client is the one with the fewest examples (largest q, hence largest ε: the guarantee
+        every record gets); each client's own mechanism is in ``per_client``."""
+        if not task.example_counts:
+            raise PrivacyConfigError(f"--privacy_unit=example: task {task.name!r} does not support example-level "
+                                     f"DP; use --privacy_unit=client")
+        n_min, p = min(task.example_counts), cfg.privacy
+
+        def make(z, n=n_min):
+            return cls(n, cfg.batch_size, p.local_steps, z, p.delta, "poisson", p.l2_norm_clip, task.population)
+
+        z, calib = calibrated(make, cfg)
+        per_client = {name: {"examples": n, "q": cfg.batch_size / n, "mechanism": make(z, n)}
+                      for name, n in zip(task.client_names, task.example_counts)}
+        return Resolved(make(z), calib, per_client)
+
+    def public_sizes(self, population: int) -> str:
+        return (f"the number of training clients ({population}) and each client's number of training examples, "
+                f"which sets its DP-SGD sampling rate q")
+
+    def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
+        # nothing records DP-SGD's batches
+        return ("DP-SGD's batch sampling and noise draw from unseeded random ops that TensorFlow seeds from the "
+                "operating system; no output of the run contains them")
+
+    def participation_note(self, sampling_secret: bool) -> str:
+        return " (every client in every round; nothing in it is secret)."
 
     def sampling_section(self) -> dict[str, Any]:
         return {"scheme": "poisson",
