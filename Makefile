@@ -10,11 +10,12 @@ PY := .venv/bin/python
 RUN_DIR ?= runs/keyboard-$(shell date +%Y%m%d-%H%M%S)
 RUN_FLAGS ?=
 
-.PHONY: help install run test bench clean
+.PHONY: help install run test bench frontier clean
 help:
 	@echo "make run    train the default task (keyboard) with DP-FedAvg; writes $(dir $(RUN_DIR))<name>/"
 	@echo "make test   run the tests"
 	@echo "make bench  seconds per round: our DP-FedAvg vs TFF stock vs central Keras (not part of the tests)"
+	@echo "make frontier  keyboard top-1 against ε (1,2,4,8,inf x 3 seeds) and the central ceiling (hours; see README)"
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -37,6 +38,10 @@ test: install
 bench: install
 	@mkdir -p bench
 	$(PY) scripts/bench.py --workload=all --output=bench/bench-$(shell date +%Y%m%d-%H%M%S).json $(BENCH_FLAGS)
+
+FRONTIER_FLAGS ?= --epsilons=1,2,4,8,inf --seeds=0,1,2
+frontier: install
+	$(PY) scripts/frontier.py --flagfile=configs/keyboard.cfg --output_dir=runs/frontier-keyboard $(FRONTIER_FLAGS)
 
 clean:
 	rm -rf .venv .tools .pytest_cache

@@ -34,7 +34,7 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError
 
-from tff_pipeline.config import need_positive_ints, setting
+from tff_pipeline.config import need, need_positive_ints, setting
 
 from tasks._common import AttentionShape, batched_outputs, local_dataset, save_serving, update_metrics
 
@@ -45,10 +45,15 @@ class Settings(AttentionShape):
 
     vocab_size: int = setting(10000, "Vocabulary size (keyboard), from public sources.")
     seq_len: int = setting(20, "Sequence length in words (keyboard).")
+    lora_rank: int = setting(0, "Rank of low-rank adapters (LoRA, Hu et al. 2021) on the attention and "
+                             "feed-forward projections: after public pre-training only they train in the DP "
+                             "rounds, a few thousand coordinates instead of ~100k, so the noise is spread over "
+                             "fewer of them. The SavedModel serves the merged weights. 0 = no adapters.")
 
     def __post_init__(self):
         super().__post_init__()
         need_positive_ints(self, ("vocab_size", "seq_len"))
+        need(self.lora_rank >= 0, f"--lora_rank={self.lora_rank} must be >= 0 (0 = no adapters)")
 
 PAD, OOV, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<oov>", "<bos>", "<eos>"]
@@ -365,24 +370,34 @@ def audit(data: "_Data", seq_len: int, model: tf.keras.Model, participated: np.n
     return out
 
 
+def servable(model: tf.keras.Model, build_plain) -> tf.keras.Model:
+    """The model to serve: with adapters, ``build_plain()`` (the same architecture without them) holding the
+    merged weights (tff_pipeline.adapters.merge_into)."""
+    from tff_pipeline import adapters
+
+    return adapters.merge_into(model, build_plain()) if adapters.has_adapters(model) else model
+
+
 def build(cfg) -> Task:
     data = _Data(cfg)
     shape, seq_len, vocab_size = cfg.task_settings, cfg.task_settings.seq_len, len(data.vocab)
+    build_model = functools.partial(models.causal_transformer_lm, vocab_size, seq_len, dim=shape.model_dim,
+                                    heads=shape.heads, layers=shape.layers, ff_dim=shape.ff_dim)
     return Task(
         name="keyboard",
         population=len(data.train_ids),
         client_dataset=lambda i, round_seed: local_dataset(data.train_x[i], data.train_y[i], i, round_seed, cfg),
-        build_model=lambda: models.causal_transformer_lm(vocab_size, seq_len, dim=shape.model_dim, heads=shape.heads,
-                                                         layers=shape.layers, ff_dim=shape.ff_dim),
+        build_model=functools.partial(build_model, lora_rank=shape.lora_rank),
         loss=lambda: models.MaskedSparseCrossEntropy(PAD),
         metrics=metrics,
         evaluate=functools.partial(evaluate, data),
-        export=lambda model, path: export_lm(model, data.vocab, seq_len, path),
+        export=lambda model, path: export_lm(servable(model, build_model), data.vocab, seq_len, path),
         summary=data.summary,
         privacy_unit="one speaking role of one play (a user of the keyboard): all of that user's text",
         headline_metric="test_top1_accuracy",
         public_data=data.public,
         audit=functools.partial(audit, data, seq_len),
+        adapter_rank=shape.lora_rank,
         public_data_source=f"{len(PUBLIC_PLAYS)} public plays never used as clients ({', '.join(PUBLIC_PLAYS)}): "
                            f"{len(data.public[0])} sequences",
     )

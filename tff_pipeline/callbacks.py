@@ -165,7 +165,7 @@ class Summary(Callback):
     def on_train_end(self, run) -> None:
         rep, a = run.report, run.audit_result
         run.summary = summary = {
-            "mechanism": run.mech.name, "rounds_run": run.rounds_run, "rounds_accounted": len(run.ledger),
+            "mechanism": run.mech.name, "headline_metric": run.task.headline_metric, "rounds_run": run.rounds_run, "rounds_accounted": len(run.ledger),
             "stop_reason": run.stop_reason, "epsilon": rep["epsilon"], "delta": run.mech.delta,
             "eval": run.last_eval.overall, "eval_by_client": run.last_eval.by_client,
             "baselines": {k: v for k, v in run.task.summary.items() if k.startswith("baselines")},
@@ -190,6 +190,9 @@ class Summary(Callback):
         overall = run.last_eval.overall
         by_client = {name: dict(row) for name, row in run.last_eval.by_client.items()}
         log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
+        compared = comparison(run.task, overall, run.pretrain)
+        if compared:
+            log(compared)
         if by_client:
             for name, base in run.task.summary.get("baselines_by_client", {}).items():
                 if name in by_client:
@@ -246,6 +249,24 @@ class MetricsCsv(Callback):
         rows, fields = self._read()
         fields += [k for k in row if k not in fields]
         self._write(rows + [row], fields)
+
+
+def comparison(task, overall: dict, pretrain: Optional[dict]) -> str:
+    """The headline metric beside the public-only start and the task's baselines on the same split (computed
+    from the clients' data without noise: operator-only, like the rest of this console output)."""
+    m = task.headline_metric
+    if m not in overall:
+        return ""
+    v, parts = overall[m], []
+    if pretrain and m in pretrain.get("eval", {}):
+        p = pretrain["eval"][m]
+        parts.append(f"public-only {p:.4f} ({(v / p - 1) * 100:+.1f}%)")
+    from tff_pipeline.task import matching_baselines
+
+    for k, b in matching_baselines(m, task.summary.get("baselines_this_split", {})).items():
+        if b:
+            parts.append(f"{k} {b:.4f} ({(v / b - 1) * 100:+.1f}%)")
+    return f"{m} {v:.4f} against " + ", ".join(parts) if parts else ""
 
 
 def write_by_client(path: str, by_client: dict) -> None:

@@ -45,14 +45,23 @@ def build_keras_model(task: Task, frozen: tuple[str, ...] = ()):
     return model
 
 
-def set_frozen(model, frozen: tuple[str, ...]) -> None:
+def set_frozen(model, frozen: tuple[str, ...], phase: str = "federated") -> None:
+    """What trains in ``phase``: "federated" (the DP rounds) or "public" (pre-training on public data, central
+    baselines). A model with low-rank adapters (tff_pipeline.adapters) trains its base weights in public
+    pre-training and only its adapters in the federated rounds; otherwise every layer trains except, in the
+    federated rounds, those named in --freeze_layers."""
+    from tff_pipeline import adapters
+
     names = [l.name for l in model.layers]
     for n in frozen:
         if n not in names:
             raise ConfigError(f"--freeze_layers: the {model.name} model has no layer {n!r}; "
                               f"its layers are {', '.join(names)}")
+    if adapters.has_adapters(model):
+        adapters.set_trainable(model, "base" if phase == "public" else "adapters")
+        return
     for layer in model.layers:
-        layer.trainable = layer.name not in frozen
+        layer.trainable = phase == "public" or layer.name not in frozen
 
 
 def model_fn_for(task: Task, frozen: tuple[str, ...] = ()):

@@ -21,3 +21,14 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+    """Writes a matplotlib figure atomically (a reader never sees half a PNG) and closes it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -22,33 +22,48 @@ class PositionEmbedding(tf.keras.layers.Layer):
         return {**super().get_config(), "max_len": self.max_len, "dim": self.dim}
 
 
-def transformer_block(x, dim: int, heads: int, ff_dim: int, dropout: float, causal: bool, name: str):
-    """Pre-norm self-attention block: LN, MHA, residual, LN, FFN, residual."""
+def transformer_block(x, dim: int, heads: int, ff_dim: int, dropout: float, causal: bool, name: str,
+                      lora_rank: int = 0):
+    """Pre-norm self-attention block: LN, MHA, residual, LN, FFN, residual. With ``lora_rank`` > 0 the attention
+    and feed-forward projections carry low-rank adapters (tff_pipeline.adapters)."""
+    from tff_pipeline import adapters
+
     h = tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln1")(x)
-    h = tf.keras.layers.MultiHeadAttention(
-        num_heads=heads, key_dim=dim // heads, dropout=dropout, name=f"{name}_mha"
-    )(h, h, use_causal_mask=causal)
+    mha = dict(num_heads=heads, key_dim=dim // heads, dropout=dropout, name=f"{name}_mha")
+    attention = (adapters.LoRAMultiHeadAttention(lora_rank, **mha) if lora_rank
+                 else tf.keras.layers.MultiHeadAttention(**mha))
+    h = attention(h, h, use_causal_mask=causal)
     x = tf.keras.layers.Add(name=f"{name}_res1")([x, h])
     h = tf.keras.layers.LayerNormalization(epsilon=1e-6, name=f"{name}_ln2")(x)
-    h = tf.keras.layers.Dense(ff_dim, activation="gelu", name=f"{name}_ff1")(h)
-    h = tf.keras.layers.Dense(dim, name=f"{name}_ff2")(h)
+    if lora_rank:
+        h = adapters.LoRADense(ff_dim, lora_rank, activation="gelu", name=f"{name}_ff1")(h)
+        h = adapters.LoRADense(dim, lora_rank, name=f"{name}_ff2")(h)
+    else:
+        h = tf.keras.layers.Dense(ff_dim, activation="gelu", name=f"{name}_ff1")(h)
+        h = tf.keras.layers.Dense(dim, name=f"{name}_ff2")(h)
     if dropout:
         h = tf.keras.layers.Dropout(dropout)(h)
     return tf.keras.layers.Add(name=f"{name}_res2")([x, h])
 
 
 def causal_transformer_lm(
-    vocab_size: int, max_len: int, dim: int = 96, heads: int = 4, layers: int = 1, ff_dim: int = 192, dropout: float = 0.0
+    vocab_size: int, max_len: int, dim: int = 96, heads: int = 4, layers: int = 1, ff_dim: int = 192,
+    dropout: float = 0.0, lora_rank: int = 0,
 ) -> tf.keras.Model:
     """Next-token language model: token + position embedding, causal attention
-    blocks, and logits over the vocabulary at every position."""
+    blocks, and logits over the vocabulary at every position. ``lora_rank``:
+    low-rank adapters on the blocks' projections (tff_pipeline.adapters)."""
     tokens = tf.keras.Input(shape=(max_len,), dtype=tf.int32, name="token_ids")
     x = tf.keras.layers.Embedding(vocab_size, dim, name="token_embedding")(tokens)
     x = PositionEmbedding(max_len, dim, name="position_embedding")(x)
     for i in range(layers):
-        x = transformer_block(x, dim, heads, ff_dim, dropout, causal=True, name=f"block{i}")
+        x = transformer_block(x, dim, heads, ff_dim, dropout, causal=True, name=f"block{i}", lora_rank=lora_rank)
     x = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
     logits = tf.keras.layers.Dense(vocab_size, name="logits")(x)
+    if lora_rank:  # the output bias adapts too: the clients' next-word prior
+        from tff_pipeline import adapters
+
+        logits = adapters.BiasAdapter(name="logits_adapter")(logits)
     return tf.keras.Model(tokens, logits, name="causal_transformer_lm")
 
 

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Optional
 
-from tff_pipeline.io import atomic_write_text  # noqa: F401  (re-exported for callers of report.atomic_write_text)
+from tff_pipeline.io import atomic_write_text, save_figure  # noqa: F401  (atomic_write_text re-exported)
 from tff_pipeline.mechanisms.base import event_to_json
 
 OTHER_DELTAS = (1e-4, 1e-5, 1e-6, 1e-7)
@@ -364,8 +364,4 @@ def plot_run(metrics_csv: str, path: str, headline: str) -> str:
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -60,6 +60,8 @@ class Task:
       default_privacy_unit: "client" (DP-FedAvg) or "example" (DP-SGD in
         each client) when --privacy_unit=auto.
       example_counts, client_names: per client, for example-level accounting.
+      adapter_rank: the rank of the model's low-rank adapters (0: none); with
+        them only the adapters train in the federated rounds.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Task:
     example_counts: tuple = ()
     client_names: tuple = ()
     record_is: str = "one example"
+    adapter_rank: int = 0
 
     def __post_init__(self):
         if self.population < 1:
@@ -97,6 +100,14 @@ class Task:
     @property
     def element_spec(self):
         return self.client_dataset(0, 0).element_spec
+
+
+def matching_baselines(headline: str, baselines: dict) -> dict[str, float]:
+    """The baselines that measure the headline metric: those whose name ends as it does (test_top1_accuracy:
+    bigram_top1; test_h1_mae: persistence_h1_mae)."""
+    tail = headline.split("_", 1)[1].replace("_accuracy", "") if "_" in headline else headline
+    return {k: float(v) for k, v in (baselines or {}).items()
+            if isinstance(v, (int, float)) and (k.endswith(tail) or k.endswith(tail + "_accuracy"))}
 
 
 def numeric_column(column):

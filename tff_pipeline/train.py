@@ -199,6 +199,9 @@ def _setup(cfg, log, t_start, previous, stale, defaulted) -> tuple[Run, Optional
                           f"(only keyboard at --privacy_unit=client has one); run without --audit")
     resolved = mechanisms.resolve(cfg, task)
     mech = resolved.mechanism
+    if task.adapter_rank and (cfg.frozen_layers or not cfg.public_pretrain_epochs):
+        raise ConfigError(f"--lora_rank={task.adapter_rank}: adapters fine-tune a pre-trained model, and only they "
+                          f"train in the federated rounds; give --public_pretrain_epochs > 0 and no --freeze_layers")
     if cfg.public_pretrain_epochs and task.public_data is None:
         raise ConfigError(f"--public_pretrain_epochs={cfg.public_pretrain_epochs}: task {task.name!r} has no "
                           f"public data; use --public_pretrain_epochs=0")
@@ -336,9 +339,16 @@ def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[st
     tf.keras.utils.set_random_seed(cfg.seed)
     from tff_pipeline import dp_fedavg
 
-    dp_fedavg.set_frozen(keras_model, ())
+    dp_fedavg.set_frozen(keras_model, (), phase="public")
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=task.loss())
-    hist = keras_model.fit(x, y, batch_size=32, epochs=cfg.public_pretrain_epochs, verbose=0, shuffle=True)
+
+    class EpochLog(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            log(f"pre-training epoch {epoch + 1}/{cfg.public_pretrain_epochs}: loss {logs['loss']:.4f} "
+                f"({time.monotonic() - t0:.0f} s)")
+
+    hist = keras_model.fit(x, y, batch_size=32, epochs=cfg.public_pretrain_epochs, verbose=0, shuffle=True,
+                           callbacks=[EpochLog()])
     dp_fedavg.set_frozen(keras_model, cfg.frozen_layers)
     ev = task.evaluate(keras_model).overall
     out = {"epochs": cfg.public_pretrain_epochs, "examples": int(len(x)), "source": task.public_data_source,
