@@ -44,7 +44,7 @@ def main(argv):
         raise cli.UserError(f"--seeds={FLAGS.seeds!r} must be seeds >= 0, e.g. 0,1,2")
     if FLAGS.central_epochs < 0:
         raise cli.UserError(f"--central_epochs={FLAGS.central_epochs} must be >= 0 (0 = no central ceiling)")
-    base = cfg.output_dir if FLAGS["output_dir"].present else os.path.join("runs", f"frontier-{cfg.task}")
+    base = os.path.abspath(cfg.output_dir if FLAGS["output_dir"].present else os.path.join("runs", f"frontier-{cfg.task}"))
 
     def log(msg):
         print(msg, flush=True)

@@ -73,12 +73,17 @@ def test_saved_model_serves_the_merged_weights(tmp_path, keyboard_task_settings)
 
     cfg = config.make(**keyboard_task_settings, lora_rank=2)
     task = tasks.build(cfg)
-    model = task.build_model()
+    from tff_pipeline import dp_fedavg
+
+    model = dp_fedavg.build_keras_model(task, ())  # as a run holds it: only the adapters trainable
     _perturb(model)
     x = np.random.default_rng(0).integers(4, 2000, (3, 20)).astype(np.int32)  # no padding: the last word counts
     want = tf.nn.softmax(model(x)[:, -1, :]).numpy()
     path = str(tmp_path / "sm")
+    trained = [v.name for v in model.trainable_variables]
     task.export(model, path)
+    # Exporting leaves the model as it was: only the adapters trainable (that order is how its weights are saved)
+    assert [v.name for v in model.trainable_variables] == trained and len(trained) == 13
     np.save(tmp_path / "x.npy", x)
     code = ("import numpy as np, tensorflow as tf, json, sys; m = tf.saved_model.load(sys.argv[1]); "
             "x = np.load(sys.argv[2]); out = m.signatures['serving_default'](token_ids=tf.constant(x)); "

@@ -22,11 +22,11 @@ def _csv(path):
 
 def test_two_point_frontier_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "fr"
-    p = run_script("frontier.py", "--task=traffic", f"--traffic_data={_csv(tmp_path / 'd.csv')}", "--history=24",
-                   "--horizon=3", "--rounds=2", "--clients_per_round=3", "--clipped_count_stddev=1",
-                   "--model_dim=16", "--heads=2", "--ff_dim=32", "--max_client_examples=16", "--batch_size=8",
-                   "--eval_every=100", "--epsilons=8,inf", "--seeds=0", "--central_epochs=1", f"--output_dir={out}",
-                   timeout=900)
+    flags = ["--task=traffic", f"--traffic_data={_csv(tmp_path / 'd.csv')}", "--history=24", "--horizon=3",
+             "--rounds=2", "--clients_per_round=3", "--clipped_count_stddev=1", "--model_dim=16", "--heads=2",
+             "--ff_dim=32", "--max_client_examples=16", "--batch_size=8", "--eval_every=100", "--epsilons=8,inf",
+             "--seeds=0", f"--output_dir={out}"]
+    p = run_script("frontier.py", *flags, "--central_epochs=1", timeout=900)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
     rows = list(csv.DictReader(open(out / "frontier.csv")))
     assert [r["target_epsilon"] for r in rows] == ["8.0", "inf"]
@@ -40,3 +40,8 @@ def test_two_point_frontier_writes_table_csv_and_plot(tmp_path):
     assert "| target ε |" in md and "central ceiling (no DP)" in md and "persistence_h1_mae" in md
     assert open(out / "frontier.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "pre-training" not in p.stdout and "central ceiling: epoch 1/1" in p.stdout
+    # The same command again reads both finished points instead of training them again.
+    again = run_script("frontier.py", *flags, "--central_epochs=0", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("with these settings; reading it") == 2
+    assert list(csv.DictReader(open(out / "frontier.csv"))) == rows

@@ -160,7 +160,9 @@ def merged_kernels(model: tf.keras.Model) -> list[np.ndarray]:
 
 def merge_into(adapted: tf.keras.Model, plain: tf.keras.Model) -> tf.keras.Model:
     """Copies ``adapted``'s weights into ``plain`` (the same architecture without adapters), each adapted kernel
-    as W + A·B: the model to serve. Both are walked with every weight trainable, so the orders match."""
+    as W + A·B: the model to serve. Both are walked with every weight trainable, so the orders match; ``adapted``
+    gets its trainable flags back after (they set the order in which Keras saves its weights)."""
+    flags = [(layer, layer.trainable) for layer in _layers(adapted)] + [(adapted, adapted.trainable)]
     set_trainable(adapted, "all")
     plain.trainable = True
     merged = {id(layer.base.kernel): layer.base.kernel + layer.adapter.delta() for layer in adapted_layers(adapted)}
@@ -172,4 +174,6 @@ def merge_into(adapted: tf.keras.Model, plain: tf.keras.Model) -> tf.keras.Model
     values = [np.asarray(merged[id(v)]) if id(v) in merged else v.numpy() for v in adapted.weights
               if id(v) not in adapter_vars]
     plain.set_weights(values)
+    for layer, trainable in flags:  # each layer's own flag, as it was (the public setter would propagate)
+        layer._trainable = trainable
     return plain

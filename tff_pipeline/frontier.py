@@ -60,12 +60,14 @@ def run_point(cfg: TrainConfig, epsilon: float, seed: int, base: str, log: Calla
     """Trains one point (resuming or skipping a finished one) and returns its row."""
     out = point_dir(base, epsilon, seed)
     tag = f"[ε={epsilon:g} seed {seed}]"
-    if os.path.exists(os.path.join(out, "operator", "summary.json")):
-        log(f"{tag} already trained in {out}; reading it")
+    args = train_args(cfg, epsilon, seed, out)
+    if finished(out, args):
+        log(f"{tag} already trained in {out} with these settings; reading it")
         return read_point(out, epsilon, seed)
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "scripts", "train.py"), *train_args(cfg, epsilon, seed, out)]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # Otherwise train.py runs it: a new run, or the rest of an interrupted one (its resume check refuses changed
+    # settings). Relative paths in the flags mean the same to it as here: it runs in this working directory.
+    cmd = [sys.executable, "-u", os.path.join(ROOT, "scripts", "train.py"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     for line in proc.stdout:
         line = line.rstrip()
@@ -74,9 +76,21 @@ def run_point(cfg: TrainConfig, epsilon: float, seed: int, base: str, log: Calla
             log(f"{tag} {line}")
     if proc.wait() != 0:
         raise RuntimeError(f"{tag} training failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    row = read_point(out, epsilon, seed)
-    row["wall_s"] = time.monotonic() - t0
-    return row
+    return read_point(out, epsilon, seed)  # its wall time is the run's own (summary.json), read or trained
+
+
+def finished(out: str, args: list[str]) -> bool:
+    """Whether ``out`` holds a run that completed all its rounds with exactly these flags."""
+    try:
+        with open(os.path.join(out, "operator", "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        return False
+    done = not summary.get("interrupted") and summary.get("stop_reason") == "completed all planned rounds"
+    wanted = dict(a[2:].split("=", 1) for a in args)
+    return done and all(str(saved.get(k)) == v for k, v in wanted.items())
 
 
 def read_point(out: str, epsilon: float, seed: int) -> dict:

@@ -258,6 +258,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         rows.append(("Trees (steps each)", ", ".join(map(str, r["tree_sizes"]))))
     public = (f"**public** (--public_sampling_seed): ε without amplification for the most frequent client = "
               f"{_fmt(r.get('epsilon_known_sampling'))} ({r.get('max_participations')} round results)")
+    if "sampling_randomness" not in r:  # a report written before the mechanism carried this row's text
+        from tff_pipeline.mechanisms import REGISTRY
+
+        cls = REGISTRY.get(r.get("mechanism_name", ""))
+        r = {**r, "sampling_randomness": cls.sampling_randomness if cls else None}
     rows.append(("Sampling randomness", r.get("sampling_randomness")
                  or ("secret (operating system)" if r.get("sampling_secret", True) else public)))
     if r.get("noise_calibration"):

@@ -138,14 +138,17 @@ def check_resume_compatible(cfg: TrainConfig, previous: dict, mech, path: str) -
         raise ConfigError(f"cannot resume {path}: it was made by an earlier version, which drew its cohorts from "
                           f"--seed (not secret) and kept data-dependent files beside the model; start a new run in "
                           f"another --output_dir (or pass --overwrite to replace it)")
+    defaults = {name: f.default for name, (f, _, _) in config.flag_table().items()}
     for k, v in cfg.to_json().items():
         kind = config.kind_of(k)  # the settings' own metadata: no list of names kept by hand
-        if kind == "resumable" or k not in old or old[k] == v:
+        # A setting newer than the run being resumed had its default there (--lora_rank: 0).
+        if kind == "resumable" or old.get(k, defaults.get(k, v)) == v:
             continue
         why = ("the privacy accounting must describe one mechanism for every round" if kind == "privacy"
                else "the saved training state belongs to the original settings")
+        was = old.get(k, defaults.get(k))
         raise ConfigError(f"cannot resume {path}: --{k}={v!r} differs from the run being resumed "
-                          f"(--{k}={old[k]!r}); {why}. Re-run with --{k}={old[k]!r}, or start a new run in "
+                          f"(--{k}={was!r}); {why}. Re-run with --{k}={was!r}, or start a new run in "
                           f"another --output_dir")
     # The flags are equal; what derives from the data can still differ (the population, z when calibrated
     # from --target_epsilon): every field of the mechanism object must be what the run being resumed used.
