@@ -153,11 +153,6 @@ def adapted_layers(model: tf.keras.Model):
     return [layer for layer in _layers(model) if isinstance(layer, (LoRADense, LoRAEinsumDense))]
 
 
-def merged_kernels(model: tf.keras.Model) -> list[np.ndarray]:
-    """W + A·B of every adapted layer, in the model's layer order."""
-    return [(layer.base.kernel + layer.adapter.delta()).numpy() for layer in adapted_layers(model)]
-
-
 def merge_into(adapted: tf.keras.Model, plain: tf.keras.Model) -> tf.keras.Model:
     """Copies ``adapted``'s weights into ``plain`` (the same architecture without adapters), each adapted kernel
     as W + A·B: the model to serve. Both are walked with every weight trainable, so the orders match; ``adapted``

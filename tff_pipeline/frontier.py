@@ -135,10 +135,9 @@ def central_ceiling(cfg: TrainConfig, epochs: int, log: Callable[[str], None]) -
         ds = parts[0]
         for p in parts[1:]:
             ds = ds.concatenate(p)
-        n = sum(1 for _ in ds) if epoch == 1 else None
         hist = model.fit(ds.shuffle(200_000, seed=epoch).batch(32), epochs=1, verbose=0)
-        log(f"central ceiling: epoch {epoch}/{epochs} ({'' if n is None else f'{n} examples, '}"
-            f"{time.monotonic() - t0:.0f} s): loss {hist.history['loss'][-1]:.4f}")
+        log(f"central ceiling: epoch {epoch}/{epochs} ({time.monotonic() - t0:.0f} s): "
+            f"loss {hist.history['loss'][-1]:.4f}")
     ev = task.evaluate(model).overall
     log(f"central ceiling: {task.headline_metric} {ev[task.headline_metric]:.4f}")
     return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and np.isfinite(v)}
