@@ -109,13 +109,23 @@ def test_noise_is_one_gaussian_draw_on_the_sum_at_tff_scale(small):
     state = process.initialize()
     before = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
     data = [task.client_dataset(i, 1) for i in (0, 3, 6, 9, 12, 15, 18, 21)]
-    state = process.next(state, cohort.shard_datasets(data, 2)).state
-    after = np.concatenate([np.ravel(w) for w in process.get_model_weights(state).trainable])
+    out = process.next(state, cohort.shard_datasets(data, 2))
+    after = np.concatenate([np.ravel(w) for w in process.get_model_weights(out.state).trainable])
     z_eff = (1.0 ** -2 - (2 * 2.0) ** -2) ** -0.5
     expected = z_eff * cfg.privacy.initial_clip / 8
     assert before.size > 500
     assert np.std(after - before) == pytest.approx(expected, rel=0.08)
     assert abs(np.mean(after - before)) < 4 * expected / np.sqrt(before.size)
+    # The round reports the noise norm it expected (σ·√d / m, from the query) and the norm of the update it
+    # released; with no signal they agree, and the signal estimate is small next to the noise.
+    from tff_pipeline.mechanisms.dp_fedavg import train_metrics
+
+    q = out.metrics["aggregator"]["dp_query_metrics"]
+    assert q["expected_noise_norm"] == pytest.approx(expected * np.sqrt(before.size), rel=1e-5)
+    assert q["update_norm"] == pytest.approx(np.linalg.norm(after - before), rel=1e-4)
+    assert q["update_norm"] == pytest.approx(q["expected_noise_norm"], rel=0.08)
+    flat = {f"aggregator/dp_query_metrics/{k}": v for k, v in q.items()}
+    assert train_metrics(flat)["signal_norm_estimate"] < 0.5 * q["expected_noise_norm"]
 
 
 def test_an_update_whose_norm_overflows_is_zeroed():

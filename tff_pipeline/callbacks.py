@@ -300,6 +300,9 @@ class Progress(Callback):
         line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {_fmt_secs(eta)} | "
                 f"clients {r.cohort_size:>3} | loss {r.train.get('loss', float('nan')):.4f} | "
                 f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ε {eps}")
+        if r.train.get("expected_noise_norm"):  # the noise this round against the signal it carried
+            line += (f" | signal/noise {r.train['signal_norm_estimate']:.3g}/"
+                     f"{r.train['expected_noise_norm']:.3g}")
         if r.eval:
             line += f" | {self.headline} {r.eval.get(self.headline, float('nan')):.4f}"
         print(line, file=self.out, flush=True)

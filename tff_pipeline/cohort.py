@@ -144,10 +144,31 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     @tff.tensorflow.computation(record_sum_type, query_state_type)
     def noised_mean(record_sum, state):
         result, new_state, _ = query.get_noised_result(record_sum, state)
-        return result, new_state, query.derive_metrics(new_state)
+        return result, new_state, _with_norms(query.derive_metrics(new_state), state, result)
 
     return _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
                      initial_query_state, derive_params, shard_update, noised_mean)
+
+
+def _with_norms(metrics, state, result):
+    """``metrics`` plus ``update_norm`` (L2 norm of the noised mean update) and ``expected_noise_norm``
+    (σ·√d / denominator: the norm the round's Gaussian noise alone would have, from the query's own stddev and
+    normaliser), when the query exposes them (tensorflow-privacy's NormalizedQuery over a Gaussian sum). Both are
+    functions of the released update and of public settings: post-processing, no privacy cost. Their squares'
+    difference estimates the squared norm of the clipped signal (README, "Why the keyboard rounds learn slowly")."""
+    import tensorflow as tf
+
+    inner = getattr(state, "numerator_state", state)
+    stddev = getattr(getattr(inner, "sum_state", inner), "stddev", None)
+    denominator = getattr(state, "denominator", None)
+    if stddev is None or denominator is None:
+        return metrics
+    leaves = tf.nest.flatten(result)
+    d = float(sum(int(np.prod(t.shape)) for t in leaves))
+    out = collections.OrderedDict(metrics)
+    out["update_norm"] = tf.linalg.global_norm(leaves)
+    out["expected_noise_norm"] = tf.cast(stddev, tf.float32) * d**0.5 / tf.cast(denominator, tf.float32)
+    return out
 
 
 def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,

@@ -225,8 +225,12 @@ def train_metrics(m: dict[str, float]) -> dict[str, float]:
     if "client_work/fraction_clipped" in m:
         train["fraction_clipped"] = m["client_work/fraction_clipped"]
     for k, v in m.items():
-        if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed")):
+        if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed", "dp_query_metrics/update_norm",
+                       "dp_query_metrics/expected_noise_norm")):
             train[k.split("/")[-1]] = v
+    if "update_norm" in train and "expected_noise_norm" in train:
+        # E|s + N|^2 = |s|^2 + E|N|^2: an estimate of the clipped signal's norm (post-processing).
+        train["signal_norm_estimate"] = max(train["update_norm"] ** 2 - train["expected_noise_norm"] ** 2, 0.0) ** 0.5
     return train
 
 
