@@ -155,7 +155,7 @@ def _with_norms(metrics, state, result):
     (σ·√d / denominator: the norm the round's Gaussian noise alone would have, from the query's own stddev and
     normaliser), when the query exposes them (tensorflow-privacy's NormalizedQuery over a Gaussian sum). Both are
     functions of the released update and of public settings: post-processing, no privacy cost. Their squares'
-    difference estimates the squared norm of the clipped signal (README, "Why the keyboard rounds learn slowly")."""
+    difference estimates the squared norm of the clipped signal (README, "Private training that learns")."""
     import tensorflow as tf
 
     inner = getattr(state, "numerator_state", state)
