@@ -34,10 +34,86 @@ SMALL = ["--vocab_size=2000", "--model_dim=32", "--heads=2", "--ff_dim=64", "--m
          "--batch_size=8"]
 
 
+def children_workers(pid):
+    """TFF worker_binary processes whose parent is pid."""
+    out = []
+    for w in runtime.live_worker_pids():
+        try:
+            with open(f"/proc/{w}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(w)
+        except OSError:
+            pass
+    return out
+
+
+def worker_alive(pid):
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def run_script(script, *args, timeout=600, env=None):
     """Runs scripts/<script> with piped output; returns CompletedProcess."""
     return subprocess.run([PY, os.path.join(ROOT, "scripts", script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def start_script(script, *args, env=None):
+    """scripts/<script> started in the background with piped output; finish() waits for it."""
+    return subprocess.Popen([PY, os.path.join(ROOT, "scripts", script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def finish(proc, timeout=600):
+    """The CompletedProcess of a start_script() process (killed if it outlives timeout)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+_TRAIN_MAIN = []
+
+
+def call_train(*args):
+    """scripts/train.py's main called in this process, through the same wrapper (cli.call) that turns a user
+    mistake into one ``error:`` line and exit code 2, with stdout and stderr captured: for the error-path tests,
+    which would otherwise pay a fresh process's TensorFlow import (~10 s) each. Returns a CompletedProcess like
+    run_script; an exception that is not a user mistake propagates and fails the test."""
+    import contextlib
+    import io
+    import runpy
+
+    import tensorflow  # noqa: F401  (imported before absl parses flags, as cli.main does)
+    from absl import flags
+
+    from tff_pipeline import cli
+
+    if not _TRAIN_MAIN:
+        _TRAIN_MAIN.append(runpy.run_path(os.path.join(ROOT, "scripts", "train.py"), run_name="train_script")["main"])
+    argv = [os.path.join(ROOT, "scripts", "train.py"), *args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, sys.argv = sys.argv, argv
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            flags.FLAGS.unparse_flags()
+            try:
+                rest = flags.FLAGS(argv)
+            except flags.Error as e:  # what absl's app.run does with a flag it cannot parse
+                print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+                code = 1
+            else:
+                code = cli.call(_TRAIN_MAIN[0], rest)
+    finally:
+        sys.argv = saved_argv
+        flags.FLAGS.unparse_flags()
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +122,14 @@ def trained_run(tmp_path_factory):
     pre-training, frozen embeddings, 3 DP rounds with Poisson sampling. No
     noise flag: private by default, at the task's default target ε."""
     out = str(tmp_path_factory.mktemp("run") / "kb")
+    before = session_workers()
     t = time.monotonic()
     p = run_script("train.py", "--task=keyboard", f"--output_dir={out}", "--rounds=3", "--clients_per_round=8",
                    "--delta=1e-5", "--eval_every=2", "--seed=1", "--public_pretrain_epochs=1",
                    "--freeze_layers=token_embedding,logits", *SMALL)
     assert p.returncode == 0, p.stderr[-3000:]
-    return {"dir": out, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.monotonic() - t}
+    return {"dir": out, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.monotonic() - t,
+            "workers_before": before, "workers_after": session_workers()}
 
 
 @pytest.fixture(scope="session")

@@ -96,9 +96,9 @@ def test_saved_model_serves_the_merged_weights(tmp_path, keyboard_task_settings)
 
 
 def test_adapters_need_public_pretraining_and_no_frozen_layers(tmp_path):
-    from conftest import SMALL, run_script
+    from conftest import SMALL, call_train
 
-    p = run_script("train.py", f"--output_dir={tmp_path / 'o'}", "--lora_rank=4", "--rounds=1", *SMALL, timeout=300)
+    p = call_train(f"--output_dir={tmp_path / 'o'}", "--lora_rank=4", "--rounds=1", *SMALL)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == (
         "error: --lora_rank=4: adapters fine-tune a pre-trained model, and only they train in the federated rounds; "

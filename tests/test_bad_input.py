@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_script
+from conftest import call_train, run_script
 
 MEDICAL_COLUMNS = ("dataset (hospital), num (label 0-4), age, trestbps, chol, thalch, oldpeak, ca, sex, cp, fbs, "
                    "restecg, exang, slope, thal")
@@ -92,8 +92,7 @@ def test_bad_data_file(tmp_path, task, what, edit, expected):
         (_heart if task == "medical" else _traffic)(p, edit)
     out = tmp_path / "out"
     extra = ["--history=24", "--horizon=3", "--clients_per_round=3"] if task == "traffic" else []
-    r = run_script("train.py", f"--task={task}", f"--{task}_data={p}", f"--output_dir={out}", "--rounds=1",
-                   *extra, timeout=300)
+    r = call_train(f"--task={task}", f"--{task}_data={p}", f"--output_dir={out}", "--rounds=1", *extra)
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: " + expected.format(p=p)), r.stderr[-2000:]
@@ -103,7 +102,7 @@ def test_bad_data_file(tmp_path, task, what, edit, expected):
 def test_output_dir_that_cannot_be_created(tmp_path):
     (tmp_path / "file").write_text("keep me")
     out = tmp_path / "file" / "run"
-    r = run_script("train.py", f"--output_dir={out}", timeout=300)
+    r = call_train(f"--output_dir={out}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (f"error: --output_dir={out} is not writable (Not a directory); "
                                                  f"choose a writable --output_dir")

@@ -7,6 +7,7 @@ traffic CSV."""
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import PY, ROOT, load_json, run_script
+from conftest import PY, ROOT, call_train, children_workers, load_json, run_script, worker_alive
 from tff_pipeline import privacy
 
 
@@ -36,6 +37,26 @@ def _flags(tmp_path, out, **kw):
              "model_dim": 16, "heads": 2, "ff_dim": 32, "max_client_examples": 16, "batch_size": 8,
              "checkpoint_every": 3, "eval_every": 100, **kw}
     return [f"--{k}={v}" for k, v in flags.items()]
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    """One finished 2-round run with a checkpoint per round, trained once for the tests that resume, refuse or
+    overwrite it; each works on its own copy (copy_of)."""
+    base = tmp_path_factory.mktemp("two_rounds")
+    out = str(base / "run")
+    args = _flags(base, out, rounds=2, checkpoint_every=1)
+    p = run_script("train.py", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, str(base / "data.csv")
+
+
+def copy_of(two_rounds, tmp_path):
+    """A copy of the 2-round run in tmp_path (resuming may move a run to another --output_dir) and its flags."""
+    src, csv = two_rounds
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns(".lock"))
+    return out, _flags(tmp_path, out, rounds=2, checkpoint_every=1, traffic_data=csv)
 
 
 def _start(args):
@@ -69,8 +90,15 @@ def test_sigkill_mid_run_then_resume_counts_every_released_round(tmp_path):
     args = _flags(tmp_path, out)
     proc = _start(args)
     _wait_for_line(proc, "round    4/8")  # round 4 was shown; the last checkpoint is round 3
+    workers = children_workers(proc.pid)
+    assert workers, "the run has no TFF worker of its own"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    # Its worker dies with it (PR_SET_PDEATHSIG), even though python could not clean up.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(worker_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if worker_alive(w)]
     released = len(_ledger(out))
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert released >= 4 and ckpts[-1] == "ckpt-000003", (released, ckpts)
@@ -98,7 +126,7 @@ def test_sigkill_mid_run_then_resume_counts_every_released_round(tmp_path):
 
     # Same command again: the run is complete and is left alone.
     before = os.path.getmtime(os.path.join(out, "privacy_report.json"))
-    p = run_script("train.py", *args)
+    p = call_train(*args)
     assert p.returncode == 2 and "already holds a completed run of 8 rounds" in p.stderr
     assert os.path.getmtime(os.path.join(out, "privacy_report.json")) == before
 
@@ -123,10 +151,8 @@ def test_sigterm_stops_after_the_round_checkpoints_reports_and_a_second_process_
     assert os.path.isdir(os.path.join(out, "saved_model"))
 
 
-def test_resume_with_a_changed_privacy_flag_or_resume_false_is_refused(tmp_path):
-    out = str(tmp_path / "run")
-    args = _flags(tmp_path, out, rounds=2, checkpoint_every=1)
-    assert run_script("train.py", *args).returncode == 0
+def test_resume_with_a_changed_privacy_flag_or_resume_false_is_refused(two_rounds, tmp_path):
+    out, args = copy_of(two_rounds, tmp_path)
     files = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"}
     for extra, expected in [
         ("--noise_multiplier=1.5", f"error: cannot resume {out}: --noise_multiplier=1.5 differs from the run being "
@@ -139,16 +165,14 @@ def test_resume_with_a_changed_privacy_flag_or_resume_false_is_refused(tmp_path)
         ("--resume=false", f"error: --output_dir={out} holds an earlier run and --resume=false refuses to touch it; "
                            f"choose a new --output_dir, or drop --resume=false to continue that run"),
     ]:
-        p = run_script("train.py", *args, "--rounds=4", extra, timeout=300)
+        p = call_train(*args, "--rounds=4", extra)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert [l for l in p.stderr.splitlines() if l.startswith("error: ")][0].startswith(expected), p.stderr
     assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"} == files
 
 
-def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
-    out = str(tmp_path / "run")
-    args = _flags(tmp_path, out, rounds=2, checkpoint_every=1)
-    assert run_script("train.py", *args).returncode == 0
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(two_rounds, tmp_path):
+    out, args = copy_of(two_rounds, tmp_path)
     ckpt2 = os.path.join(out, "checkpoints", "ckpt-000002")
     state_before = open(os.path.join(ckpt2, "state.npz"), "rb").read()
 
@@ -188,13 +212,11 @@ def test_a_bad_client_with_non_finite_updates_does_not_poison_the_model(tmp_path
     assert arrays and all(np.isfinite(a).all() for a in arrays)
 
 
-def test_overwrite_removes_the_earlier_run_only_after_the_new_one_checks_out(tmp_path):
-    out = str(tmp_path / "run")
-    args = _flags(tmp_path, out, rounds=2, checkpoint_every=1)
-    assert run_script("train.py", *args).returncode == 0
+def test_overwrite_removes_the_earlier_run_only_after_the_new_one_checks_out(two_rounds, tmp_path):
+    out, args = copy_of(two_rounds, tmp_path)
     files = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"}
     missing = str(tmp_path / "typo.csv")
-    p = run_script("train.py", *args, "--overwrite", f"--traffic_data={missing}", timeout=300)
+    p = call_train(*args, "--overwrite", f"--traffic_data={missing}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: --traffic_data={missing}: no such file")
     assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"} == files

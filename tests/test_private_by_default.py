@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT, load_json, run_script
+from conftest import PY, ROOT, call_train, load_json, run_script
 from test_cli_errors import _one_line_error
 from test_durability import _csv
 from tff_pipeline import privacy
@@ -22,7 +22,7 @@ def test_audit_is_refused_before_training_where_there_is_none(tmp_path, task, ex
     args = [f"--task={task}", "--audit", "--rounds=1", f"--output_dir={tmp_path / 'o'}", *extra]
     if task == "traffic":
         args += [f"--traffic_data={_csv(tmp_path / 'd.csv')}", *TINY]
-    p = run_script("train.py", *args, timeout=300)
+    p = call_train(*args)
     assert _one_line_error(p) == (f"error: --audit: task {task!r} has no membership-inference audit at the "
                                   f"{'client' if extra or task == 'traffic' else 'example'} level (only keyboard at "
                                   f"--privacy_unit=client has one); run without --audit")

@@ -52,15 +52,22 @@ def main(fn, needs_tensorflow: bool = True) -> None:
 
     def wrapped(argv):
         try:
-            return fn(argv)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except BrokenPipeError:  # output piped into e.g. `head`, which closed early
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
+            return call(fn, argv)
         finally:
             if "tff_pipeline.runtime" in sys.modules:
                 sys.modules["tff_pipeline.runtime"].stop_workers()
 
     app.run(wrapped)
+
+
+def call(fn, argv) -> int:
+    """fn(argv) with a user mistake printed as one ``error:`` line on stderr and exit code 2; any other exception
+    propagates (a traceback: our bug, not the user's). The tests call scripts' mains through it in-process."""
+    try:
+        return fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
