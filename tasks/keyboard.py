@@ -50,10 +50,20 @@ class Settings(AttentionShape):
                              "rounds, a few thousand coordinates instead of ~100k, so the noise is spread over "
                              "fewer of them. The SavedModel serves the merged weights. 0 = no adapters.")
 
+    tuning_clients: int = setting(0, "Users set apart for hyperparameter tuning, drawn by a fixed public rule (the "
+                                  "same users for every --seed): a run never trains on them, so settings chosen "
+                                  "on them spend none of the training users' privacy. 0 = none.", accounting=True)
+    tuning_run: bool = setting(False, "Train and evaluate on the --tuning_clients users (their earlier speeches to "
+                               "train, later ones held out) instead of the training users: the runs that choose "
+                               "settings.", accounting=True)
+
     def __post_init__(self):
         super().__post_init__()
         need_positive_ints(self, ("vocab_size", "seq_len"))
         need(self.lora_rank >= 0, f"--lora_rank={self.lora_rank} must be >= 0 (0 = no adapters)")
+        need(self.tuning_clients >= 0, f"--tuning_clients={self.tuning_clients} must be >= 0 (0 = none)")
+        need(not self.tuning_run or self.tuning_clients > 0,
+             "--tuning_run trains on the users set apart for tuning; give --tuning_clients=N (N > 0) too")
 
 PAD, OOV, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<oov>", "<bos>", "<eos>"]
@@ -65,6 +75,7 @@ PUBLIC_PLAYS = (
     "a-winter-s-tale",
 )
 UNSEEN_CLIENT_FRACTION = 0.1
+TUNING_DRAW = 0x7E57  # the tuning users' draw: a public constant, so every run sets apart the same users
 TEST_FRACTION = 0.2
 CANARY_PREFIX = ["the", "secret", "code", "is"]
 CANARY_WORDS = 5
@@ -226,9 +237,14 @@ class _Data:
         clients, public, oov_rate = _tokenise(plays, self.vocab)
         self.public = to_sequences(public, seq_len)
         ids = sorted(clients)
+        tuning = self._tuning_users(ids, cfg.task_settings)
+        rest = [i for i in range(len(ids)) if i not in tuning]
         n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(ids)))
-        unseen = set(np.random.default_rng(cfg.seed).choice(len(ids), n_unseen, replace=False).tolist())
-        self._split(clients, ids, unseen, seq_len)
+        # Without a tuning group, exactly the draw of earlier versions.
+        unseen = set(np.array(rest)[np.random.default_rng(cfg.seed).choice(len(rest), n_unseen, replace=False)]
+                     .tolist())
+        skip = set(rest) - unseen if cfg.task_settings.tuning_run else tuning
+        self._split(clients, ids, unseen, seq_len, skip)
         self.canaries = self._insert_canaries(cfg, len(self.vocab))
         sizes = np.array([len(x) for x in self.train_x])
         self.summary = {
@@ -237,6 +253,8 @@ class _Data:
             "private_clients": len(ids),
             "training_clients": len(self.train_ids),
             "unseen_eval_clients": n_unseen,
+            "tuning_clients_set_apart": len(tuning),
+            "this_run_trains_on": "the tuning users" if cfg.task_settings.tuning_run else "the training users",
             "train_sequences": int(sizes.sum()),
             "sequences_per_client": {"min": int(sizes.min()), "median": float(np.median(sizes)),
                                      "max": int(sizes.max())},
@@ -251,11 +269,23 @@ class _Data:
                                     "note": "measured on this machine with a 10k vocabulary from all text"},
         }
 
-    def _split(self, clients, ids: list[str], unseen: set[int], seq_len: int) -> None:
+    @staticmethod
+    def _tuning_users(ids: list[str], settings) -> set[int]:
+        n = settings.tuning_clients
+        if n > len(ids) // 2:
+            raise TaskError(f"--tuning_clients={n}: at most half of the {len(ids)} users may be set apart for "
+                            f"tuning; give a smaller --tuning_clients")
+        return set(np.random.default_rng(TUNING_DRAW).choice(len(ids), n, replace=False).tolist()) if n else set()
+
+    def _split(self, clients, ids: list[str], unseen: set[int], seq_len: int, skip: set[int]) -> None:
+        """Training users (or, in a tuning run, the tuning users) and the unseen users; ``skip``: the users this
+        run neither trains nor evaluates on."""
         self.train_ids, self.train_x, self.train_y = [], [], []
         test_x, test_y, unseen_x, unseen_y = [], [], [], []
         self.test_by_client, self.unseen_split = [], []
         for i, cid in enumerate(ids):
+            if i in skip:
+                continue
             sp = clients[cid]
             if i in unseen:
                 x, y = to_sequences(sp, seq_len)
@@ -378,6 +408,22 @@ def servable(model: tf.keras.Model, build_plain) -> tf.keras.Model:
     return adapters.merge_into(model, build_plain()) if adapters.has_adapters(model) else model
 
 
+def tuning_note(n: int, tuning_run: bool) -> str:
+    """The report's line on hyperparameter tuning."""
+    if not n:
+        return ""
+    if tuning_run:
+        return (f"This is a tuning run (--tuning_run): it trained only on the {n} users set apart for tuning "
+                f"(--tuning_clients={n}), never on the training users. Its guarantee covers those {n} users for "
+                f"this run alone; choosing settings across several tuning runs spends their privacy, which no "
+                f"report counts.")
+    return (f"Hyperparameter tuning: {n} users were set apart by a fixed public draw (--tuning_clients={n}) and "
+            f"this run never trained on them, so settings chosen from tuning runs on them (--tuning_run) spend "
+            f"none of the training users' privacy (the tuning users' own privacy across tuning runs is not "
+            f"covered). Choosing settings from runs on the training users would spend privacy that this report "
+            f"does not count.")
+
+
 def build(cfg) -> Task:
     data = _Data(cfg)
     shape, seq_len, vocab_size = cfg.task_settings, cfg.task_settings.seq_len, len(data.vocab)
@@ -398,6 +444,7 @@ def build(cfg) -> Task:
         public_data=data.public,
         audit=functools.partial(audit, data, seq_len),
         adapter_rank=shape.lora_rank,
+        tuning=tuning_note(shape.tuning_clients, shape.tuning_run),
         public_data_source=f"{len(PUBLIC_PLAYS)} public plays never used as clients ({', '.join(PUBLIC_PLAYS)}): "
                            f"{len(data.public[0])} sequences",
     )

@@ -79,3 +79,25 @@ def test_task_splits_and_spec(keyboard_task):
     a = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 1)])
     b = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 2)])
     assert len(a) == 16 and not np.array_equal(np.sort(a, 0), np.sort(b, 0))
+
+
+def test_tuning_users_are_set_apart_from_every_run_that_is_not_a_tuning_run():
+    """--tuning_clients: the same users for every --seed, never trained on by a normal run; --tuning_run trains
+    and evaluates only on them; the report says which (the tuning line replaces the generic warning)."""
+    from tff_pipeline.config import ConfigError, make
+
+    small = dict(vocab_size=2000, model_dim=32, heads=2, ff_dim=64)
+    data = lambda **kw: keyboard._Data(make(**small, **kw))  # noqa: E731
+    plain, apart, apart_seed2 = data(), data(tuning_clients=150), data(tuning_clients=150, seed=2)
+    tuning, tuning_seed2 = data(tuning_clients=150, tuning_run=True), data(tuning_clients=150, tuning_run=True, seed=2)
+    held_out = set(tuning.train_ids)
+    assert 140 <= len(held_out) <= 150 and set(tuning_seed2.train_ids) == held_out  # a few have no training text
+    assert not held_out & set(apart.train_ids) and not held_out & set(apart_seed2.train_ids)
+    assert len(held_out & set(plain.train_ids)) >= 120  # without the flag they are ordinary users
+    assert len(apart.train_ids) < len(plain.train_ids) == 1139
+    assert apart.summary["tuning_clients_set_apart"] == 150
+    assert keyboard.tuning_note(0, False) == ""
+    assert "this run never trained on them" in keyboard.tuning_note(150, False)
+    assert keyboard.tuning_note(150, True).startswith("This is a tuning run (--tuning_run)")
+    with pytest.raises(ConfigError, match="give --tuning_clients"):
+        make(**small, tuning_run=True)

@@ -58,8 +58,8 @@ def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, A
                            "with per-client baselines where the task has them.")
     if audit:
         not_covered.append(AUDIT_NOT_COVERED)
-    not_counted = ["Choosing hyperparameters across several runs on the same clients spends privacy that this "
-                   "report does not count; tune on public data or on clients set apart."]
+    not_counted = [task.tuning or "Choosing hyperparameters across several runs on the same clients spends "
+                   "privacy that this report does not count; tune on public data or on clients set apart."]
     return {"covered": covered, "public": public, "not_covered": not_covered, "not_counted": not_counted}
 
 

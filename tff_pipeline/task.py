@@ -62,6 +62,9 @@ class Task:
       example_counts, client_names: per client, for example-level accounting.
       adapter_rank: the rank of the model's low-rank adapters (0: none); with
         them only the adapters train in the federated rounds.
+      tuning: how hyperparameter tuning relates to this run's clients (users
+        set apart for it, or a tuning run on them), for the report; "" when
+        the task sets no users apart.
     """
 
     name: str
@@ -83,6 +86,7 @@ class Task:
     client_names: tuple = ()
     record_is: str = "one example"
     adapter_rank: int = 0
+    tuning: str = ""
 
     def __post_init__(self):
         if self.population < 1:
