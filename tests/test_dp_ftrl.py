@@ -12,7 +12,7 @@ import pytest
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-from conftest import SMALL, load_json, run_script
+from conftest import SMALL, call_train, load_json
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,10 @@ def ftrl_run(tmp_path_factory):
     common = ["--task=keyboard", f"--output_dir={out}", "--mechanism=dp_ftrl", "--clients_per_round=300",
               "--noise_multiplier=1.5", "--delta=1e-5", "--eval_every=5", "--checkpoint_every=1", "--seed=1",
               "--server_optimizer=sgdm", "--server_learning_rate=0.5", "--ftrl_clip=0.2", *SMALL]
-    first = run_script("train.py", "--rounds=2", *common)
+    first = call_train("--rounds=2", *common)  # in this process: no TensorFlow import per run
     assert first.returncode == 0, first.stderr[-3000:]
     # Resumed after the tree's second step, when its noise buffer holds more rows than a fresh state's.
-    second = run_script("train.py", "--rounds=5", *common)
+    second = call_train("--rounds=5", *common)
     assert second.returncode == 0, second.stderr[-3000:]
     return out, first, second
 

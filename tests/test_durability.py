@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import PY, ROOT, call_train, children_workers, load_json, run_script, worker_alive
+from conftest import PY, ROOT, call_train, children_workers, load_json, worker_alive
 from tff_pipeline import privacy
 
 
@@ -46,7 +46,7 @@ def two_rounds(tmp_path_factory):
     base = tmp_path_factory.mktemp("two_rounds")
     out = str(base / "run")
     args = _flags(base, out, rounds=2, checkpoint_every=1)
-    p = run_script("train.py", *args)
+    p = call_train(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, str(base / "data.csv")
 
@@ -104,7 +104,7 @@ def test_sigkill_mid_run_then_resume_counts_every_released_round(tmp_path):
     assert released >= 4 and ckpts[-1] == "ckpt-000003", (released, ckpts)
     eps_at_kill = privacy.epsilon(_pcfg(out), released)[0]
 
-    p = run_script("train.py", *args)
+    p = call_train(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming" in p.stdout and "from the checkpoint of round 3" in p.stdout
     s = load_json(os.path.join(out, "operator", "summary.json"))
@@ -136,7 +136,7 @@ def test_sigterm_stops_after_the_round_checkpoints_reports_and_a_second_process_
     args = _flags(tmp_path, out, rounds=200, checkpoint_every=500)
     proc = _start(args)
     _wait_for_line(proc, "round    2/200")
-    second = run_script("train.py", *args, timeout=300)
+    second = call_train(*args)
     assert second.returncode == 2
     assert f"error: --output_dir={out} is in use by another run (pid {proc.pid})" in second.stderr
     proc.send_signal(signal.SIGTERM)
@@ -188,7 +188,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(two_rounds,
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["ckpt-000001", "ckpt-000002"]
     assert open(os.path.join(ckpt2, "state.npz"), "rb").read() == state_before
 
-    p = run_script("train.py", *args, "--rounds=4")  # room again: resumes from round 2
+    p = call_train(*args, "--rounds=4")  # room again: resumes from round 2
     assert p.returncode == 0, p.stderr[-3000:]
     r = load_json(os.path.join(out, "privacy_report.json"))
     # Round 3's first result was recorded (and shown) before its checkpoint failed: it counts.
@@ -199,7 +199,7 @@ def test_a_bad_client_with_non_finite_updates_does_not_poison_the_model(tmp_path
     out = str(tmp_path / "run")
     args = _flags(tmp_path, out, rounds=3, eval_every=1, max_client_examples=400)
     args[1] = f"--traffic_data={_csv(tmp_path / 'bad.csv', bad_sensor=True)}"
-    p = run_script("train.py", *args)
+    p = call_train(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     m = pd.read_csv(os.path.join(out, "operator", "metrics.csv"))
     assert (m["train_non_finite_updates_zeroed"] == 1).all()  # sensor b, every round
@@ -220,7 +220,7 @@ def test_overwrite_removes_the_earlier_run_only_after_the_new_one_checks_out(two
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: --traffic_data={missing}: no such file")
     assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out) if f != ".lock"} == files
-    p = run_script("train.py", *args, "--overwrite", "--rounds=1")
+    p = call_train(*args, "--overwrite", "--rounds=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(_ledger(out)) == 1 and os.listdir(os.path.join(out, "checkpoints")) == ["ckpt-000001"]
 

@@ -13,7 +13,7 @@ import pytest
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-from conftest import load_json, run_script
+from conftest import call_train, load_json
 
 MED = ["--task=medical", "--model_dim=16", "--heads=2", "--layers=1", "--ff_dim=32", "--batch_size=16",
        "--local_steps=3", "--client_learning_rate=0.1", "--server_optimizer=sgdm", "--server_learning_rate=1.0"]
@@ -60,7 +60,7 @@ def test_encoding_is_per_record_and_marks_missing(medical):
 def dp_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("med") / "run")
     # No noise flag: the medical task's default target ε = 10 (private by default).
-    p = run_script("train.py", f"--output_dir={out}", "--rounds=3", "--eval_every=3", *MED)
+    p = call_train(f"--output_dir={out}", "--rounds=3", "--eval_every=3", *MED)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p
 
@@ -125,7 +125,7 @@ def test_saved_model_scores_raw_records_like_keras(dp_run, medical):
 
 
 def test_client_level_on_four_hospitals_says_what_it_means(tmp_path):
-    p = run_script("train.py", f"--output_dir={tmp_path / 'c'}", "--privacy_unit=client", "--clients_per_round=4",
+    p = call_train(f"--output_dir={tmp_path / 'c'}", "--privacy_unit=client", "--clients_per_round=4",
                    "--sampling=fixed", "--noise_multiplier=0.3", "--rounds=1", *MED)
     assert p.returncode == 0, p.stderr[-3000:]
     r = load_json(os.path.join(tmp_path / "c", "privacy_report.json"))

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT, call_train, load_json, run_script
+from conftest import PY, ROOT, call_train, load_json
 from test_cli_errors import _one_line_error
 from test_durability import _csv
 from tff_pipeline import privacy
@@ -110,7 +110,7 @@ def test_an_empty_poisson_cohort_is_a_round_and_resumes(runs):
     out, stdout = runs["empty"]
     cfg, args = runs["empty_case"]
     assert "clients   0" in [l for l in stdout.splitlines() if l.startswith("round    1/2")][0]
-    p = run_script("train.py", *args, "--rounds=3", timeout=600)  # resumes from round 2
+    p = call_train(*args, "--rounds=3")  # resumes from round 2
     assert p.returncode == 0, p.stderr[-3000:]
     assert "from the checkpoint of round 2" in p.stdout
     r = load_json(out / "privacy_report.json")

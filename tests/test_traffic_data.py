@@ -82,13 +82,13 @@ def test_train_on_a_user_csv_and_serve_in_original_units(tmp_path):
     import subprocess
     import sys
 
-    from conftest import load_json, run_script
+    from conftest import call_train, load_json
 
     df = _frame(n=600, sensors=("a", "b", "c"), freq="h") * 3
     df.index.name = "timestamp"
     df.to_csv(tmp_path / "mine.csv")
     out = tmp_path / "run"
-    p = run_script("train.py", "--task=traffic", f"--traffic_data={tmp_path / 'mine.csv'}", f"--output_dir={out}",
+    p = call_train("--task=traffic", f"--traffic_data={tmp_path / 'mine.csv'}", f"--output_dir={out}",
                    "--history=24", "--horizon=3", "--rounds=2", "--clients_per_round=3", "--noise_multiplier=0",
                    "--model_dim=16", "--heads=2", "--ff_dim=32", "--max_client_examples=16", "--batch_size=8")
     assert p.returncode == 0, p.stderr[-3000:]

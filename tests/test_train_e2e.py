@@ -147,13 +147,13 @@ def test_training_curves_for_the_operator(trained_run):
 def test_budget_guard_stops_before_the_round_that_would_exceed_and_audit_runs(tmp_path):
     from tff_pipeline import privacy
 
-    from conftest import SMALL, run_script
+    from conftest import SMALL, call_train
 
     cfg = privacy.PrivacyConfig(1139, 8, 0.5, 1e-5)
     e2, e3 = privacy.epsilon(cfg, 2)[0], privacy.epsilon(cfg, 3)[0]
     budget = (e2 + e3) / 2
     out = tmp_path / "guard"
-    p = run_script("train.py", f"--output_dir={out}", "--rounds=5", "--clients_per_round=8",
+    p = call_train(f"--output_dir={out}", "--rounds=5", "--clients_per_round=8",
                    "--noise_multiplier=0.5", f"--max_epsilon={budget}", "--eval_every=5", "--audit", "--canaries=2", "--canary_clients=3",
                    *SMALL)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -86,9 +86,12 @@ def start_worker(port: Optional[int] = None, log_path: Optional[str] = None) -> 
 
 def stop_workers(timeout: float = 5.0) -> None:
     """Stops every worker this process started (SIGINT, wait, then SIGKILL)."""
+    global _installed
     with _lock:
         procs = list(_processes)
         _processes.clear()
+    if procs and _installed == ():  # the local worker the installed context runs on is going: install anew next time
+        _installed = None
     for p in procs:
         if p.poll() is None:
             try:
