@@ -53,8 +53,9 @@ class Settings(AttentionShape):
     tuning_clients: int = setting(0, "Users set apart for hyperparameter tuning, drawn by a fixed public rule (the "
                                   "same users for every --seed): a run never trains on them, so settings chosen "
                                   "on them spend none of the training users' privacy. 0 = none.", accounting=True)
-    tuning_run: bool = setting(False, "Train and evaluate on the --tuning_clients users (their earlier speeches to "
-                               "train, later ones held out) instead of the training users: the runs that choose "
+    tuning_run: bool = setting(False, "Train and evaluate on the --tuning_clients users only, instead of the "
+                               "training users: a tenth of them are its unseen users, the rest train on their "
+                               "earlier speeches and are evaluated on their later ones. The runs that choose "
                                "settings.", accounting=True)
 
     def __post_init__(self):
@@ -239,11 +240,17 @@ class _Data:
         ids = sorted(clients)
         tuning = self._tuning_users(ids, cfg.task_settings)
         rest = [i for i in range(len(ids)) if i not in tuning]
-        n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(ids)))
-        # Without a tuning group, exactly the draw of earlier versions.
-        unseen = set(np.array(rest)[np.random.default_rng(cfg.seed).choice(len(rest), n_unseen, replace=False)]
+        if cfg.task_settings.tuning_run:
+            # A tuning run touches no other user: its unseen users are a tenth of the tuning group.
+            pool, skip = sorted(tuning), set(rest)
+            n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(pool)))
+        else:
+            # Without a tuning group, exactly the draw of earlier versions.
+            pool, skip = rest, tuning
+            n_unseen = int(round(UNSEEN_CLIENT_FRACTION * len(ids)))
+        unseen = set(np.array(pool)[np.random.default_rng(cfg.seed).choice(len(pool), n_unseen, replace=False)]
                      .tolist())
-        skip = set(rest) - unseen if cfg.task_settings.tuning_run else tuning
+        self.tuning_ids = [ids[i] for i in sorted(tuning)]
         self._split(clients, ids, unseen, seq_len, skip)
         self.canaries = self._insert_canaries(cfg, len(self.vocab))
         sizes = np.array([len(x) for x in self.train_x])
@@ -282,12 +289,13 @@ class _Data:
         run neither trains nor evaluates on."""
         self.train_ids, self.train_x, self.train_y = [], [], []
         test_x, test_y, unseen_x, unseen_y = [], [], [], []
-        self.test_by_client, self.unseen_split = [], []
+        self.test_by_client, self.unseen_split, self.unseen_ids = [], [], []
         for i, cid in enumerate(ids):
             if i in skip:
                 continue
             sp = clients[cid]
             if i in unseen:
+                self.unseen_ids.append(cid)
                 x, y = to_sequences(sp, seq_len)
                 if len(x):
                     unseen_x.append(x), unseen_y.append(y)
@@ -413,10 +421,10 @@ def tuning_note(n: int, tuning_run: bool) -> str:
     if not n:
         return ""
     if tuning_run:
-        return (f"This is a tuning run (--tuning_run): it trained only on the {n} users set apart for tuning "
-                f"(--tuning_clients={n}), never on the training users. Its guarantee covers those {n} users for "
-                f"this run alone; choosing settings across several tuning runs spends their privacy, which no "
-                f"report counts.")
+        return (f"This is a tuning run (--tuning_run): it trained and evaluated only on users of the {n} set "
+                f"apart for tuning (--tuning_clients={n}), never on the training or unseen users of other runs. "
+                f"Its guarantee covers the tuning users for this run alone; choosing settings across several "
+                f"tuning runs spends their privacy, which no report counts.")
     return (f"Hyperparameter tuning: {n} users were set apart by a fixed public draw (--tuning_clients={n}) and "
             f"this run never trained on them, so settings chosen from tuning runs on them (--tuning_run) spend "
             f"none of the training users' privacy (the tuning users' own privacy across tuning runs is not "

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import PY, ROOT, call_train, children_workers, load_json, worker_alive
+from conftest import PY, ROOT, call_train, children_workers, load_json, run_script, worker_alive
 from tff_pipeline import privacy
 
 
@@ -136,7 +136,7 @@ def test_sigterm_stops_after_the_round_checkpoints_reports_and_a_second_process_
     args = _flags(tmp_path, out, rounds=200, checkpoint_every=500)
     proc = _start(args)
     _wait_for_line(proc, "round    2/200")
-    second = call_train(*args)
+    second = run_script("train.py", *args, timeout=300)  # a process of its own: a regressed lock would run 200 rounds
     assert second.returncode == 2
     assert f"error: --output_dir={out} is in use by another run (pid {proc.pid})" in second.stderr
     proc.send_signal(signal.SIGTERM)

@@ -90,10 +90,14 @@ def test_tuning_users_are_set_apart_from_every_run_that_is_not_a_tuning_run():
     data = lambda **kw: keyboard._Data(make(**small, **kw))  # noqa: E731
     plain, apart, apart_seed2 = data(), data(tuning_clients=150), data(tuning_clients=150, seed=2)
     tuning, tuning_seed2 = data(tuning_clients=150, tuning_run=True), data(tuning_clients=150, tuning_run=True, seed=2)
-    held_out = set(tuning.train_ids)
-    assert 140 <= len(held_out) <= 150 and set(tuning_seed2.train_ids) == held_out  # a few have no training text
-    assert not held_out & set(apart.train_ids) and not held_out & set(apart_seed2.train_ids)
-    assert len(held_out & set(plain.train_ids)) >= 120  # without the flag they are ordinary users
+    group = set(apart.tuning_ids)
+    assert len(group) == 150 and apart_seed2.tuning_ids == apart.tuning_ids == tuning.tuning_ids
+    for normal in (apart, apart_seed2):  # never trained or evaluated on by a run that is not a tuning run
+        assert not group & (set(normal.train_ids) | set(normal.unseen_ids))
+    for t in (tuning, tuning_seed2):  # a tuning run touches the group only: a tenth unseen, the rest trained
+        assert set(t.train_ids) | set(t.unseen_ids) <= group and len(t.unseen_ids) == 15
+        assert 125 <= len(t.train_ids) <= 135  # a few have no training text
+    assert len(group & set(plain.train_ids)) >= 120  # without the flag they are ordinary users
     assert len(apart.train_ids) < len(plain.train_ids) == 1139
     assert apart.summary["tuning_clients_set_apart"] == 150
     assert keyboard.tuning_note(0, False) == ""
