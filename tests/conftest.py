@@ -83,8 +83,9 @@ _TRAIN_MAIN = []
 
 def call_train(*args):
     """scripts/train.py's main called in this process, through the same wrapper (cli.call) that turns a user
-    mistake into one ``error:`` line and exit code 2, with stdout and stderr captured: for the error-path tests,
-    which would otherwise pay a fresh process's TensorFlow import (~10 s) each. Returns a CompletedProcess like
+    mistake into one ``error:`` line and exit code 2, with stdout and stderr captured: for error paths and for
+    training runs that need no process of their own, which would otherwise pay a fresh process's TensorFlow and
+    TFF imports (10-35 s) each. The local TFF worker it starts is reused by later calls. Returns a CompletedProcess like
     run_script; an exception that is not a user mistake propagates and fails the test."""
     import contextlib
     import io
