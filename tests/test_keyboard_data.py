@@ -82,8 +82,8 @@ def test_task_splits_and_spec(keyboard_task):
 
 
 def test_tuning_users_are_set_apart_from_every_run_that_is_not_a_tuning_run():
-    """--tuning_clients: the same users for every --seed, never trained on by a normal run; --tuning_run trains
-    and evaluates only on them; the report says which (the tuning line replaces the generic warning)."""
+    """--tuning_clients: the same users for every --seed, never trained or evaluated on by a normal run;
+    --tuning_run trains and evaluates only on them; tuning_note gives the report's line for each kind of run."""
     from tff_pipeline.config import ConfigError, make
 
     small = dict(vocab_size=2000, model_dim=32, heads=2, ff_dim=64)
