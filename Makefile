@@ -33,7 +33,7 @@ run: install
 	$(PY) scripts/train.py --flagfile=configs/keyboard.cfg --output_dir=$(RUN_DIR) $(RUN_FLAGS)
 
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 bench: install
 	@mkdir -p bench

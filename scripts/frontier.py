@@ -50,7 +50,11 @@ def main(argv):
         print(msg, flush=True)
 
     log(f"frontier of {cfg.task}: ε {', '.join(f'{e:g}' for e in epsilons)} x seeds {seeds} -> {base}")
-    rows = [frontier.run_point(cfg, e, s, base, log) for s in seeds for e in epsilons]
+    try:
+        rows = [frontier.run_point(cfg, e, s, base, log) for s in seeds for e in epsilons]
+    except frontier.Interrupted as e:
+        print(e, file=sys.stderr, flush=True)
+        return 130
     ceiling = frontier.central_ceiling(cfg, FLAGS.central_epochs, log) if FLAGS.central_epochs else None
     metrics = [k for k in rows[0] if k.startswith(("test_", "unseen_")) and not k.endswith(("loss", "perplexity"))]
     summary = frontier.summarise(rows, metrics)

@@ -151,3 +151,36 @@ def pytest_sessionfinish(session, exitstatus):
     from tff_pipeline import runtime
 
     runtime.stop_workers()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (make test), tests that share an expensive fixture of ours with a
+    wider scope than one test (a session's trained run, a module's runs) are put in one group, so that one xdist
+    worker builds it once; the other tests are spread over both workers."""
+    parent = {}
+
+    def find(k):
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    keys = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = []
+        for name, defs in (info.name2fixturedefs.items() if info else ()):
+            d = defs[-1]
+            ours = getattr(d.func, "__module__", "").startswith(("conftest", "test_"))
+            if ours and d.scope != "function":
+                shared.append((name,) if d.scope == "session" else (name, item.module.__name__))
+        if shared:
+            keys[item] = shared[0]
+            for k in shared[1:]:
+                parent[find(k)] = find(shared[0])
+    for item, k in keys.items():
+        item.add_marker(pytest.mark.xdist_group("-".join(find(k))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that one xdist worker runs (a shared fixture)")

@@ -18,7 +18,9 @@ from conftest import SMALL, call_train, load_json
 @pytest.fixture(scope="module")
 def ftrl_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ftrl") / "kb")
-    common = ["--task=keyboard", f"--output_dir={out}", "--mechanism=dp_ftrl", "--clients_per_round=300",
+    # The 270 training users of a tuning run on 300 set-apart users (a small population: 5 rounds cost little).
+    common = ["--task=keyboard", "--tuning_clients=300", "--tuning_run", f"--output_dir={out}",
+              "--mechanism=dp_ftrl", "--clients_per_round=90",
               "--noise_multiplier=1.5", "--delta=1e-5", "--eval_every=5", "--checkpoint_every=1", "--seed=1",
               "--server_optimizer=sgdm", "--server_learning_rate=0.5", "--ftrl_clip=0.2", *SMALL]
     first = call_train("--rounds=2", *common)  # in this process: no TensorFlow import per run
@@ -38,13 +40,13 @@ def test_schedule_one_participation_per_tree_and_the_epoch_continues_on_resume(f
     out, first, second = ftrl_run
     assert "resuming" in second.stdout and "from the checkpoint of round 2" in second.stdout
     ledger = _lines(os.path.join(out, "ledger.jsonl"))
-    # 1139 clients in cohorts of 300: 3 rounds per epoch, one tree each.
+    # 270 clients in cohorts of 90: 3 rounds per epoch, one tree each.
     # The resumed run goes on with tree 0 (its epoch's order is in the checkpoint).
     assert [(e["round"], e["tree"]) for e in ledger] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)]
     rows = _lines(os.path.join(out, "operator", "participation.jsonl"))
     per_tree = collections.defaultdict(list)
     for e, row in zip(ledger, rows):
-        assert len(row["clients"]) == 300
+        assert len(row["clients"]) == 90
         per_tree[e["tree"]] += row["clients"]
     for ids in per_tree.values():
         assert len(ids) == len(set(ids))

@@ -3,12 +3,11 @@ refused before training: real runs of scripts/train.py on small data."""
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import PY, ROOT, call_train, load_json
+from conftest import call_train, load_json
 from test_cli_errors import _one_line_error
 from test_durability import _csv
 from tff_pipeline import privacy
@@ -40,7 +39,7 @@ def _empty_cohort_case(d):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three runs started side by side (their start-up is mostly single-threaded): the same command twice (same
+    """Three runs, in this process one after another (no TensorFlow import each): the same command twice (same
     --seed, no privacy flag; 3 sensors, q = 2/3), and a public-seed run whose first cohort is empty."""
     d = tmp_path_factory.mktemp("secret")
     data = _csv(d / "d.csv")
@@ -48,13 +47,11 @@ def runs(tmp_path_factory):
                    "--clients_per_round=2", "--clipped_count_stddev=2", "--seed=5", *TINY] for name in ("a", "b")}
     cfg, empty_args = _empty_cohort_case(d)
     cmds["empty"] = [*empty_args, "--rounds=2"]
-    procs = {k: subprocess.Popen([PY, os.path.join(ROOT, "scripts", "train.py"), *v], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, cwd=ROOT) for k, v in cmds.items()}
     out = {}
-    for k, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, stderr[-3000:]
-        out[k] = (d / k, stdout)
+    for k, args in cmds.items():
+        p = call_train(*args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[k] = (d / k, p.stdout)
     out["empty_case"] = (cfg, empty_args)
     return out
 

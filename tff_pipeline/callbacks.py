@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from typing import Optional
 
@@ -283,15 +282,15 @@ def write_by_client(path: str, by_client: dict) -> None:
 class Progress(Callback):
     """One line per round: round, time, ETA, loss, clip, ε so far, eval."""
 
-    def __init__(self, total: int, headline: str, out=sys.stdout):
-        self.total, self.headline, self.out = total, headline, out
+    def __init__(self, total: int, headline: str):
+        self.total, self.headline = total, headline
         self.start = time.monotonic()
         self.round_times: list[float] = []
 
     def after_round(self, run, r: "RoundResult") -> None:
         if r.round_num == 0:  # public pre-training, not a federated round
-            print(f"round    0/{self.total} | public pre-training {r.seconds:.1f} s | loss {r.train['loss']:.4f} | "
-                  f"{self.headline} {r.eval.get(self.headline, float('nan')):.4f}", file=self.out, flush=True)
+            run.log(f"round    0/{self.total} | public pre-training {r.seconds:.1f} s | loss {r.train['loss']:.4f} | "
+                    f"{self.headline} {r.eval.get(self.headline, float('nan')):.4f}")
             return
         self.round_times.append(r.seconds)
         recent = self.round_times[-10:]
@@ -305,7 +304,7 @@ class Progress(Callback):
                      f"{r.train['expected_noise_norm']:.3g}")
         if r.eval:
             line += f" | {self.headline} {r.eval.get(self.headline, float('nan')):.4f}"
-        print(line, file=self.out, flush=True)
+        run.log(line)
 
 
 def _fmt_secs(s: float) -> str:

@@ -5,8 +5,9 @@ n-gram or naive baselines on the same split, and the central ceiling (the
 same model, pre-trained the same way, then trained centrally on the same
 training clients' data without DP or federation).
 
-Each training is a real ``scripts/train.py`` run in its own process and run
-directory, so every point has its own privacy report. Rows go to
+Each training is a real training run (``tff_pipeline.train.run``, what
+``scripts/train.py`` calls) in its own run directory, so every point has its
+own privacy report; the points share one process. Rows go to
 ``frontier.csv``, the plot to ``frontier.png``, the table to ``frontier.md``.
 """
 
@@ -17,15 +18,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Optional
 
 from tff_pipeline.config import ConfigError, TrainConfig
 from tff_pipeline.io import atomic_write_text, save_figure
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -48,35 +46,44 @@ def point_dir(base: str, epsilon: float, seed: int) -> str:
     return os.path.join(base, f"eps-{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-seed-{seed}")
 
 
-def train_args(cfg: TrainConfig, epsilon: float, seed: int, out: str) -> list[str]:
-    """scripts/train.py's flags for one point: the frontier's settings with this ε (or no DP for inf) and seed."""
+def point_config(cfg: TrainConfig, epsilon: float, seed: int, out: str) -> TrainConfig:
+    """The frontier's settings with this ε (or no DP, asked for explicitly, for inf), seed and run directory."""
     private = not math.isinf(epsilon)
-    flat = cfg.replace(target_epsilon=epsilon if private else None, noise_multiplier=None if private else 0.0,
-                       max_epsilon=None, seed=seed, output_dir=out).to_json()
+    return cfg.replace(target_epsilon=epsilon if private else None, noise_multiplier=None if private else 0.0,
+                       max_epsilon=None, seed=seed, output_dir=out)
+
+
+def train_args(cfg: TrainConfig, epsilon: float, seed: int, out: str) -> list[str]:
+    """scripts/train.py's flags for one point (the same run as ``point_config``'s)."""
+    flat = point_config(cfg, epsilon, seed, out).to_json()
     return [f"--{k}={v}" for k, v in flat.items() if v is not None]
 
 
 def run_point(cfg: TrainConfig, epsilon: float, seed: int, base: str, log: Callable[[str], None]) -> dict:
-    """Trains one point (resuming or skipping a finished one) and returns its row."""
+    """Trains one point (resuming or skipping a finished one) and returns its row. The training is
+    ``tff_pipeline.train.run`` in this process, exactly as ``scripts/train.py`` runs it with ``train_args``'
+    flags: a new run, or the rest of an interrupted one (its resume check refuses changed settings). One process
+    for every point spares each one TensorFlow's and TFF's imports and a new TFF worker."""
     out = point_dir(base, epsilon, seed)
     tag = f"[ε={epsilon:g} seed {seed}]"
     args = train_args(cfg, epsilon, seed, out)
     if finished(out, args):
         log(f"{tag} already trained in {out} with these settings; reading it")
         return read_point(out, epsilon, seed)
-    # Otherwise train.py runs it: a new run, or the rest of an interrupted one (its resume check refuses changed
-    # settings). Relative paths in the flags mean the same to it as here: it runs in this working directory.
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "scripts", "train.py"), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-30:]
-        if line and not line.startswith(("W0", "I0", "E0", "20")) and "cuda" not in line:  # TF's own log lines
-            log(f"{tag} {line}")
-    if proc.wait() != 0:
-        raise RuntimeError(f"{tag} training failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    import tensorflow as tf
+
+    from tff_pipeline import train
+
+    tf.keras.backend.clear_session()  # the previous point's Keras state and layer names go, as in a new process
+    summary = train.run(point_config(cfg, epsilon, seed, out), log=lambda line: log(f"{tag} {line}"))
+    if summary.get("interrupted"):
+        raise Interrupted(f"{tag} stopped by a signal after round {summary.get('rounds_run')}; the same command "
+                          f"resumes it")
     return read_point(out, epsilon, seed)  # its wall time is the run's own (summary.json), read or trained
+
+
+class Interrupted(Exception):
+    """A point's training was stopped by SIGINT/SIGTERM (its run directory resumes)."""
 
 
 def finished(out: str, args: list[str]) -> bool:

@@ -98,8 +98,12 @@ class Run:
         return cohort.shard_datasets(data, self.num_workers) or cohort.empty_shards(self.task.element_spec)
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # piped output (a log file, the frontier) shows each line when it happens
+
+
 def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ...] = (),
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = _print) -> dict[str, Any]:
     """Trains cfg.task with its DP mechanism and writes config.json, the
     ledger, privacy_report.{json,md}, saved_model/ and operator/ to
     cfg.output_dir. An existing run there (one with a privacy ledger) is

@@ -13,7 +13,9 @@ mechanism's relation (``event_noise_multiplier``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -104,7 +106,8 @@ class Mechanism:
             return math.inf, None
         if isinstance(event, dpe.NoOpDpEvent):
             return 0.0, None
-        eps, order = self.accountant().compose(event).get_epsilon_and_optimal_order(self.delta)
+        eps, order = composed(f"rdp-{self.relation.name}", self.accountant, event).get_epsilon_and_optimal_order(
+            self.delta)
         return float(eps), float(order)
 
     def epsilon(self, rounds: int) -> tuple[float, Optional[float]]:
@@ -168,6 +171,26 @@ def calibrated(make, cfg) -> tuple[float, Optional[dict]]:
         return p.noise_multiplier, None
     z = calibrate(make, cfg.rounds, p.target_epsilon, p.delta)
     return z, calibration(cfg, z)
+
+
+_COMPOSED: "collections.OrderedDict[tuple[str, str], Any]" = collections.OrderedDict()
+COMPOSED_CACHE_SIZE = 32
+
+
+def composed(kind: str, make_accountant, event: dpe.DpEvent):
+    """``make_accountant().compose(event)``, remembered for the last few events of each ``kind`` (the accountant
+    and its neighbouring relation). An accountant is only read once composed (ε at some δ), never composed again,
+    so one can serve every reader: the report's ε at four δ, the budget guard's look-ahead that the next round's
+    progress line asks for again, calibration's repeated checks. Composing the same event twice gives the same
+    accountant, so this changes no number, only how often dp_accounting computes it."""
+    key = (kind, json.dumps(event_to_json(event), sort_keys=True, default=repr))
+    acc = _COMPOSED.get(key)
+    if acc is None:
+        acc = _COMPOSED[key] = make_accountant().compose(event)
+        while len(_COMPOSED) > COMPOSED_CACHE_SIZE:
+            _COMPOSED.popitem(last=False)
+    _COMPOSED.move_to_end(key)
+    return acc
 
 
 def collapse(events: Sequence[dpe.DpEvent]) -> dpe.DpEvent:

@@ -19,7 +19,8 @@ import numpy as np
 import dp_accounting
 from dp_accounting import dp_event as dpe
 
-from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrate, calibration
+from tff_pipeline.mechanisms.base import (Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrate, calibration,
+                                         composed)
 
 SAMPLING_SCHEMES = ("poisson", "fixed")
 
@@ -113,7 +114,7 @@ class DPFedAvgAdaptive(Mechanism):
             return None
         from dp_accounting.pld import pld_privacy_accountant
 
-        return float(pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta))
+        return float(composed("pld", pld_privacy_accountant.PLDAccountant, event).get_epsilon(delta))
 
     def zcdp_rho(self, rounds: int, entries=None) -> Optional[float]:
         """ρ = rounds/(2 σ²) of the un-subsampled Gaussian (q = 1; Bun & Steinke 2016); None when subsampled."""

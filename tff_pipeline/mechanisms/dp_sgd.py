@@ -13,7 +13,7 @@ import numpy as np
 import dp_accounting
 from dp_accounting import dp_event as dpe
 
-from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrated
+from tff_pipeline.mechanisms.base import Mechanism, PrivacyConfigError, Resolved, RoundPlan, calibrated, composed
 from tff_pipeline.mechanisms.dp_fedavg import train_metrics
 
 
@@ -76,7 +76,7 @@ class DPSGDInClient(Mechanism):
             return None
         from dp_accounting.pld import pld_privacy_accountant
 
-        return float(pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta))
+        return float(composed("pld", pld_privacy_accountant.PLDAccountant, event).get_epsilon(delta))
 
     def zcdp_rho(self, rounds: int, entries=None) -> Optional[float]:
         if not self.is_private or self.sampling_probability < 1:
