@@ -178,10 +178,12 @@ def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
             opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
 
     def run(datasets):
+        from tff_pipeline.cohort import without_autotune
+
         ds = datasets[0]
         for d in datasets[1:]:
             ds = ds.concatenate(d)
-        epoch(ds)
+        epoch(without_autotune(ds))  # as our shards are fed (cohort.without_autotune)
 
     return run
 
@@ -295,7 +297,8 @@ def _process_round(process, sharded: bool, num_workers: int) -> Callable[[list],
     state = [process.initialize()]
 
     def run(datasets):
-        data = cohort.shard_datasets(datasets, num_workers) if sharded else datasets
+        data = (cohort.shard_datasets(datasets, num_workers) if sharded else
+                [cohort.without_autotune(d) for d in datasets])  # every variant is fed alike
         state[0] = process.next(state[0], data).state
 
     return run

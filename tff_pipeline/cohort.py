@@ -41,6 +41,17 @@ import numpy as np
 from tff_pipeline.config import TrainConfig
 
 
+def without_autotune(ds):
+    """``ds`` with tf.data's autotuning off. With it on (TF 2.14's default), about one round in three of a
+    cohort's pass stalled for 5-10 s with every thread of the process asleep, in the worker and in plain Keras
+    alike; our datasets have no parallel or prefetch stage for autotuning to size (README, "Speed")."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def shard_datasets(datasets, num_shards: int):
     """The cohort's per-client datasets as ``num_shards`` shard datasets of
     ``(slot, batch)``. Slot is the client's position in the cohort. Clients
@@ -63,7 +74,7 @@ def shard_datasets(datasets, num_shards: int):
         batches = datasets[start]
         for d in datasets[start + 1:stop]:
             batches = batches.concatenate(d)
-        shards.append(tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(slots), batches)))
+        shards.append(without_autotune(tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(slots), batches))))
         start = stop
     return shards
 
@@ -76,7 +87,7 @@ def empty_shards(element_spec):
 
     slots = tf.data.Dataset.from_tensor_slices(np.zeros([0], np.int32))
     batches = tf.data.Dataset.from_tensors(_empty_batch(element_spec)).take(0)
-    return [tf.data.Dataset.zip((slots, batches))]
+    return [without_autotune(tf.data.Dataset.zip((slots, batches)))]
 
 
 def _num_batches(ds) -> int:

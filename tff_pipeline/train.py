@@ -93,7 +93,7 @@ class Run:
 
         data = [self.task.client_dataset(int(i), self.cfg.seed * 1_000_003 + r) for i in ids]
         if self.mech.unit != "client":
-            return data
+            return [cohort.without_autotune(d) for d in data]
         # The cohort as one shard per worker; an empty cohort is still a round (noise only, counted).
         return cohort.shard_datasets(data, self.num_workers) or cohort.empty_shards(self.task.element_spec)
 
