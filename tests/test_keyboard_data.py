@@ -75,7 +75,9 @@ def test_task_splits_and_spec(keyboard_task):
     x, y = next(iter(ds))
     assert x.shape[1] == y.shape[1] == 20 and x.dtype.name == "int32"
     # A client's per-round subset is capped and depends on the round seed.
-    big = max(range(keyboard_task.population), key=lambda i: len(list(keyboard_task.client_dataset(i, 1).unbatch())))
+    sizes = [len(x) for x in keyboard_task.evaluate.args[0].train_x]  # the task's data (evaluate's first argument)
+    big = int(np.argmax(sizes))
+    assert sizes[big] > 16 and len(list(keyboard_task.client_dataset(big, 1).unbatch())) == 16
     a = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 1)])
     b = np.concatenate([b[0].numpy() for b in keyboard_task.client_dataset(big, 2)])
     assert len(a) == 16 and not np.array_equal(np.sort(a, 0), np.sort(b, 0))
