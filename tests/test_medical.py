@@ -140,3 +140,87 @@ def test_client_level_on_four_hospitals_says_what_it_means(tmp_path):
     assert r["event_noise_multiplier"] == pytest.approx(0.15) and r["neighbouring_relation"] == "replace one client"
     assert golden <= r["epsilon"] + 1e-9 and r["epsilon"] == pytest.approx(golden, rel=0.01)
     assert r["zcdp_rho"] == pytest.approx(1 / (2 * 0.15**2))
+
+
+def test_equal_rate_client_work_divides_by_q_times_the_clients_records(medical):
+    """--example_sampling_rate: q is the same in every client and the noisy sum is divided by q × that client's
+    records. At q = 1 with no noise and no clipping, one step moves the weights by lr × the mean gradient."""
+    import tensorflow as tf
+
+    from tff_pipeline import dp_fedavg, dp_sgd, runtime
+    from tff_pipeline.config import make
+
+    import tasks
+
+    runtime.install_context()
+    cfg = make(task="medical", medical_model="logistic", privacy_unit="example", example_sampling_rate=1.0)
+    task = tasks.build(cfg)
+    model_fn = dp_fedavg.model_fn_for(task)
+    work = dp_sgd.build_client_work(model_fn, task.loss, learning_rate=0.5, l2_norm_clip=1e6, noise_multiplier=0.0,
+                                    local_steps=1, expected_batch_size=16, sampling_rate=1.0)
+    keras_model = task.build_model()
+    start = [(0.01 * np.arange(w.size).reshape(w.shape)).astype(np.float32) for w in keras_model.get_weights()]
+    keras_model.set_weights(start)
+    import tensorflow_federated as tff
+
+    weights = tff.learning.models.ModelWeights(trainable=start, non_trainable=[])
+    clients = [0, 2]  # Cleveland (228 training records) and Switzerland (92)
+    out = work.next((), [weights] * 2, [task.client_dataset(i, 0) for i in clients])
+    for i, res in zip(clients, out.result):
+        x, y = next(iter(task.client_dataset(i, 0)))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.keras.losses.binary_crossentropy(y, keras_model(x), from_logits=True))
+        grads = tape.gradient(loss, keras_model.trainable_variables)
+        for got, g in zip(res.update, grads):
+            np.testing.assert_allclose(got, 0.5 * g.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def equal_rate_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("med_eq") / "run")
+    p = call_train(f"--output_dir={out}", "--rounds=2", "--eval_every=2", "--task=medical", "--medical_model=logistic",
+                   "--example_sampling_rate=0.5", "--local_steps=2", "--target_epsilon=1", "--l2_norm_clip=1.0",
+                   "--client_learning_rate=0.5", "--server_optimizer=sgdm", "--server_learning_rate=1.0",
+                   "--server_momentum=0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p
+
+
+def test_equal_rate_gives_every_hospital_the_same_epsilon_by_dp_accounting(equal_rate_run):
+    out, _ = equal_rate_run
+    r = load_json(os.path.join(out, "privacy_report.json"))
+    z, per = r["noise_multiplier"], r["per_client"]
+    ev = dp_accounting.SelfComposedDpEvent(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)), 2), 2)
+    eps = rdp.RdpAccountant().compose(ev).get_epsilon(1e-5)
+    assert {k: v["examples"] for k, v in per.items()} == {"Cleveland": 228, "Hungary": 220, "Switzerland": 92,
+                                                           "VA Long Beach": 150}
+    for v in per.values():
+        assert v["q"] == 0.5 and v["epsilon"] == pytest.approx(eps, rel=1e-9)
+    assert r["epsilon"] == pytest.approx(eps, rel=1e-9) and 0.99 < eps <= 1
+    # One step less noise would break the target: z is the smallest on the 1e-4 grid.
+    ev2 = dp_accounting.SelfComposedDpEvent(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z - 1e-4)), 2), 2)
+    assert rdp.RdpAccountant().compose(ev2).get_epsilon(1e-5) > 1
+    assert "same probability q = 0.5 in every client" in r["statement"]
+    assert r["epsilon_is"].startswith("every client's")
+    md = open(os.path.join(out, "privacy_report.md")).read()
+    assert "| Switzerland | 92 | 0.5 |" in md
+
+
+def test_logistic_saved_model_scores_like_keras(equal_rate_run, medical):
+    import tensorflow as tf
+
+    out, _ = equal_rate_run
+    raw = {"age": [63.0, 41.0], "trestbps": [145.0, np.nan], "chol": [233.0, 0.0], "thalch": [150.0, 172.0],
+           "oldpeak": [2.3, np.nan], "ca": [0.0, np.nan], "sex": ["Male", "Female"],
+           "cp": ["typical angina", "atypical angina"], "fbs": ["TRUE", ""], "restecg": ["lv hypertrophy", "normal"],
+           "exang": ["FALSE", "FALSE"], "slope": ["downsloping", ""], "thal": ["fixed defect", ""]}
+    f = tf.saved_model.load(os.path.join(out, "saved_model")).signatures["serving_default"]
+    served = f(**{k: tf.constant(v) for k, v in raw.items()})["probability"].numpy()
+    model = medical.logistic()
+    model.load_weights(os.path.join(out, "final_weights.h5"))
+    frame = pd.DataFrame({k: [None if v == "" else v for v in vals] for k, vals in raw.items()})
+    expected = tf.sigmoid(model(medical.encode(frame))).numpy()[:, 0]
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert model.count_params() == 39

@@ -88,6 +88,10 @@ class PrivacySettings:
     l2_norm_clip: float = setting(1.0, "Per-example L2 clip of DP-SGD (--privacy_unit=example; Abadi et al. 2016).")
     local_steps: int = setting(10, "DP-SGD steps per client per round (--privacy_unit=example); --batch_size is the "
                                "expected Poisson batch size.")
+    example_sampling_rate: Optional[float] = setting(
+        None, "DP-SGD (--privacy_unit=example): every client Poisson-samples each of its records into each batch with "
+        "this one probability q (expected batch q x its records), so every client's records get the same ε; unset: "
+        "every client's expected batch is --batch_size, and the smallest client (largest q) sets ε.")
 
     def __post_init__(self):
         need(self.mechanism in MECHANISMS, f"--mechanism={self.mechanism!r} must be one of {', '.join(MECHANISMS)}")
@@ -113,6 +117,8 @@ class PrivacySettings:
         need(self.ftrl_clip > 0 and math.isfinite(self.ftrl_clip), f"--ftrl_clip={self.ftrl_clip} must be > 0")
         need(self.l2_norm_clip > 0, f"--l2_norm_clip={self.l2_norm_clip} must be > 0")
         need(self.local_steps >= 1, f"--local_steps={self.local_steps} must be at least 1")
+        need(self.example_sampling_rate is None or 0 < self.example_sampling_rate <= 1,
+             f"--example_sampling_rate={self.example_sampling_rate} must be in (0, 1]; e.g. 0.5")
 
     @property
     def noise_is_calibrated(self) -> bool:

@@ -58,12 +58,14 @@ def _dp_sgd_step(model, loss_obj, trainable, x, y, q, seeds, step, *, learning_r
     for i, (v, j) in enumerate(zip(trainable, jac)):
         noise = tf.random.stateless_normal(tf.shape(v), seed=tf.stack([seed0 + i + 1, seed1 + step * 7919]),
                                            stddev=noise_multiplier * l2_norm_clip)
-        v.assign_sub(learning_rate * (tf.tensordot(factor, j, axes=1) + noise) / float(expected_batch_size))
+        v.assign_sub(learning_rate * (tf.tensordot(factor, j, axes=1) + noise) / expected_batch_size)
     return clipped, non_finite
 
 
 def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: float, noise_multiplier: float,
-                      local_steps: int, expected_batch_size: int):
+                      local_steps: int, expected_batch_size: int, sampling_rate=None):
+    """DP-SGD client work. Every client's expected batch is ``expected_batch_size`` (q = it / the client's records),
+    or, with ``sampling_rate``, q = sampling_rate in every client (expected batch q × its records)."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -73,8 +75,7 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     element_type = tff.types.tensorflow_to_type(model.input_spec)
     data_type = tff.SequenceType(element_type)
     weights_type = tff.learning.models.weights_type_from_model(model)
-    step_args = dict(learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-                     expected_batch_size=expected_batch_size)
+    step_args = dict(learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier)
 
     def make_update():
         model = model_fn()
@@ -86,13 +87,18 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
             weights = tff.learning.models.ModelWeights.from_model(model)
             tf.nest.map_structure(lambda a, b: a.assign(b), weights, initial_weights)
             x, y = tf.data.experimental.get_single_element(dataset)  # the whole client, one element
-            q = tf.minimum(1.0, expected_batch_size / tf.cast(tf.shape(x)[0], tf.float32))
+            n = tf.cast(tf.shape(x)[0], tf.float32)
+            if sampling_rate is None:
+                q, batch = tf.minimum(1.0, expected_batch_size / n), tf.constant(float(expected_batch_size))
+            else:  # the client's size is public (the report says so); q is the same in every client
+                q, batch = tf.constant(float(sampling_rate)), float(sampling_rate) * n
             # Secret per call: unseeded stateful ops draw their seeds from the OS (TFF traces in graphs with no
             # graph-level seed, so --seed does not reach them).
             seeds = (tf.random.uniform([], 0, 2**62, dtype=tf.int64), tf.random.uniform([], 0, 2**62, dtype=tf.int64))
             clipped, non_finite = tf.constant(0.0), tf.constant(0.0)
             for step in tf.range(local_steps, dtype=tf.int64):
-                c, nf = _dp_sgd_step(model, loss_obj, weights.trainable, x, y, q, seeds, step, **step_args)
+                c, nf = _dp_sgd_step(model, loss_obj, weights.trainable, x, y, q, seeds, step,
+                                     expected_batch_size=batch, **step_args)
                 clipped, non_finite = clipped + c, non_finite + nf
             # Metrics of the local model on the client's data (operator-side, not private).
             model.forward_pass((x, y), training=False)
@@ -140,7 +146,8 @@ def build_process(task, cfg, mech, frozen=()):
 
     client_work = build_client_work(model_fn, task.loss, learning_rate=cfg.client_learning_rate,
                                     l2_norm_clip=mech.l2_norm_clip, noise_multiplier=mech.noise_multiplier,
-                                    local_steps=mech.local_steps, expected_batch_size=mech.batch_size)
+                                    local_steps=mech.local_steps, expected_batch_size=mech.batch_size,
+                                    sampling_rate=mech.sampling_rate)
     # Weighted mean with every client weight 1.0: the unweighted mean of the client deltas.
     aggregator = tff.aggregators.MeanFactory().create(weights_type.trainable, tff.TensorType(np.float32))
     finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)

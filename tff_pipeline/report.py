@@ -86,8 +86,10 @@ def build(
         report["epsilon_known_sampling"] = mech.known_sampling_epsilon(max_participations or 0)
     if per_client:
         report["per_client"] = per_client
-        report["epsilon_is"] = ("the largest over clients: that of the client with the fewest examples "
-                                "(largest sampling rate q)")
+        report["epsilon_is"] = (
+            "every client's: all clients sample with the same rate q, so their ε are equal"
+            if getattr(mech, "sampling_rate", None) is not None else
+            "the largest over clients: that of the client with the fewest examples (largest sampling rate q)")
     if client and mech.population <= 50:
         report["small_population_warning"] = small_population_warning(mech, unit)
     report["statement"] = statement(report, mech)

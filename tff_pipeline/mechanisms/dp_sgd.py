@@ -26,7 +26,10 @@ class DPSGDInClient(Mechanism):
     that client's composition over all local steps of all rounds (counted as
     if the client took part in every round: no amplification by client
     sampling is claimed). ``examples_per_client`` is the accounted client's
-    (the smallest: largest q, largest ε)."""
+    (the smallest: largest q, largest ε). With ``sampling_rate`` set, every
+    client samples with that one q (expected batch q × its own records), so
+    every client's round event, hence every client's ε, is the same; then
+    ``batch_size`` is only the accounted client's expected batch, rounded."""
 
     examples_per_client: int
     batch_size: int
@@ -36,6 +39,7 @@ class DPSGDInClient(Mechanism):
     sampling: str = "poisson"
     l2_norm_clip: float = 1.0
     clients: int = 1  # every client takes part in every round
+    sampling_rate: Optional[float] = None  # one q for every client (--example_sampling_rate)
 
     name: ClassVar[str] = "dp_sgd"
     title: ClassVar[str] = "DP-SGD inside each client (Abadi et al. 2016): per-example clipping and Gaussian noise"
@@ -48,7 +52,9 @@ class DPSGDInClient(Mechanism):
             v = getattr(self, name)
             if v < 1:
                 raise PrivacyConfigError(f"--{name}={v} must be at least 1")
-        if self.batch_size > self.examples_per_client:
+        if self.sampling_rate is not None and not 0 < self.sampling_rate <= 1:
+            raise PrivacyConfigError(f"--example_sampling_rate={self.sampling_rate} must be in (0, 1]; e.g. 0.5")
+        if self.sampling_rate is None and self.batch_size > self.examples_per_client:
             raise PrivacyConfigError(f"--batch_size={self.batch_size} exceeds --examples_per_client="
                                      f"{self.examples_per_client}; use at most {self.examples_per_client}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -62,6 +68,8 @@ class DPSGDInClient(Mechanism):
 
     @property
     def sampling_probability(self) -> float:
+        if self.sampling_rate is not None:
+            return self.sampling_rate
         return self.batch_size / self.examples_per_client
 
     def round_event(self) -> dpe.DpEvent:
@@ -102,18 +110,22 @@ class DPSGDInClient(Mechanism):
             raise PrivacyConfigError(f"--privacy_unit=example: task {task.name!r} does not support example-level "
                                      f"DP; use --privacy_unit=client")
         n_min, p = min(task.example_counts), cfg.privacy
+        rate = p.example_sampling_rate
 
         def make(z, n=n_min):
-            return cls(n, cfg.batch_size, p.local_steps, z, p.delta, "poisson", p.l2_norm_clip, task.population)
+            batch = cfg.batch_size if rate is None else max(1, round(rate * n))
+            return cls(n, batch, p.local_steps, z, p.delta, "poisson", p.l2_norm_clip, task.population, rate)
 
         z, calib = calibrated(make, cfg)
-        per_client = {name: {"examples": n, "q": cfg.batch_size / n, "mechanism": make(z, n)}
+        per_client = {name: {"examples": n, "q": make(z, n).sampling_probability, "mechanism": make(z, n)}
                       for name, n in zip(task.client_names, task.example_counts)}
         return Resolved(make(z), calib, per_client)
 
     def public_sizes(self, population: int) -> str:
         return (f"the number of training clients ({population}) and each client's number of training examples, "
-                f"which sets its DP-SGD sampling rate q")
+                f"which sets its DP-SGD sampling rate q" + (" and its expected batch q × records, the divisor of its "
+                                                            "noisy gradient sum" if self.sampling_rate is not None
+                                                            else ""))
 
     def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
         # nothing records DP-SGD's batches
@@ -128,14 +140,26 @@ class DPSGDInClient(Mechanism):
                 "description": "Poisson: inside a client, each example joins each DP-SGD batch independently with "
                                "probability q",
                 "q": self.sampling_probability, "examples_per_client": self.examples_per_client,
-                "batch_size": self.batch_size, "local_steps_per_round": self.local_steps}
+                "batch_size": self.batch_size, "local_steps_per_round": self.local_steps,
+                "equal_rate": self.sampling_rate is not None}
 
     def report_rows(self) -> list[tuple[str, Any]]:
+        if self.sampling_rate is not None:
+            return [("Sampling rate q (every client)", f"{self.sampling_rate:g}"),
+                    ("Expected batch size", "q × the client's records (table below)"),
+                    ("Local DP-SGD steps per round", self.local_steps)]
         return [("Examples per client", self.examples_per_client), ("Expected batch size", self.batch_size),
                 ("Local DP-SGD steps per round", self.local_steps)]
 
     def statement(self, r: dict[str, Any], kind_plan: bool) -> str:
         s = r["sampling"]
+        if s.get("equal_rate"):
+            return (f"Each client runs {r['mechanism']}, {s['local_steps_per_round']} steps per round for "
+                    f"{r['rounds_run']} rounds, where each of its examples joins each batch independently with the "
+                    f"same probability q = {s['q']:.4g} in every client (Poisson sampling; expected batch q times the "
+                    f"client's records), with noise multiplier {r['noise_multiplier']:.6g}. Every client's round is "
+                    f"the same DP event, so every client's records get the same ε. Every round is counted, as if the "
+                    f"record's client took part in all of them")
         return (f"Each client runs {r['mechanism']}, {s['local_steps_per_round']} steps per round for "
                 f"{r['rounds_run']} rounds, where each of its {s['examples_per_client']} examples joins each batch "
                 f"independently with probability q = {s['q']:.4g} (Poisson sampling, expected batch "
