@@ -34,7 +34,7 @@ import tensorflow as tf
 from tff_pipeline import models
 from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
 
-from tff_pipeline.config import need_positive_ints, setting
+from tff_pipeline.config import need, need_positive_ints, setting
 
 from tasks._common import AttentionShape, save_serving
 
@@ -49,10 +49,23 @@ class Settings(AttentionShape):
     history: int = setting(168, "Traffic task: history window length in time steps.")
     horizon: int = setting(24, "Traffic task: forecast horizon in time steps.")
     patch_len: int = setting(8, "Traffic task: history steps per attention token (PatchTST-style patches).")
+    record_days: int = setting(14, "Traffic task, --privacy_unit=example: the protected record is one sensor's "
+                               "counts over one fixed block of this many days (blocks start at midnight); a "
+                               "training window reads only its own block.", accounting=True)
+    windows_per_record: int = setting(4, "Traffic task, --privacy_unit=example: windows drawn from each block every "
+                                      "round; DP-SGD clips their mean gradient as one record.")
+    tuning_until: str = setting("", "Traffic task, --privacy_unit=example: the record blocks before this date "
+                                "(YYYY-MM-DD, every sensor) are set apart for hyperparameter tuning; the run trains "
+                                "only on blocks after it.", accounting=True)
+    tuning_run: bool = setting(False, "Traffic task: train on the blocks set apart by --tuning_until (their first "
+                               "80%) and evaluate on their last 20%, instead of the training and test periods.",
+                               accounting=True)
 
     def __post_init__(self):
         super().__post_init__()
-        need_positive_ints(self, ("history", "horizon", "patch_len"))
+        need_positive_ints(self, ("history", "horizon", "patch_len", "record_days", "windows_per_record"))
+        need(not self.tuning_run or bool(self.tuning_until),
+             "--tuning_run trains on the blocks set apart for tuning; give --tuning_until=YYYY-MM-DD too")
 
 TEST_FRACTION = 0.2
 N_FEAT = 6  # value, missing flag, sin/cos hour of day, sin/cos day of week
@@ -279,8 +292,95 @@ class _Sensors:
         if empty:
             raise TaskError(f"sensor {empty[0]!r} has no complete training window before the test cut "
                             f"({frame.index[self.cut]}); remove it or lower --history")
+        self.record_level = record_level(cfg)
+        self.train_span = (0, self.cut)
+        if ts.tuning_until:
+            self._set_tuning_period(ts, frame.index)
+        if self.record_level:
+            if self.record_steps < H + K:
+                days = -(-(H + K) // self.steps_per_day)
+                raise TaskError(f"--record_days={ts.record_days} gives record blocks of {self.record_steps} steps, "
+                                f"shorter than one window (--history={H} + --horizon={K}); use --record_days={days} "
+                                f"or more")
+            self.records = [self._blocks(st, *self.train_span) for st in self.train_starts]
+            if ts.tuning_run:  # sensors with no data in the tuning period (late starters) sit this run out
+                keep = [i for i, r in enumerate(self.records) if r]
+                self.left_out = [self.names[i] for i in range(len(self.names)) if i not in keep]
+                for name in ("names", "series", "train_starts", "test_starts", "records"):
+                    setattr(self, name, [getattr(self, name)[i] for i in keep])
+            empty = [s for s, r in zip(self.names, self.records) if not r]
+            if empty:
+                raise TaskError(f"sensor {empty[0]!r} has no {ts.record_days}-day block holding a whole training "
+                                f"window; lower --history or raise --record_days")
+
+    def _set_tuning_period(self, ts, index) -> None:
+        """--tuning_until: blocks wholly before that date are set apart for tuning. A normal run trains on blocks
+        that start at or after it; a tuning run (--tuning_run) trains on the first 80% of the period and is
+        scored on windows whose targets lie in its last 20%."""
+        import pandas as pd
+
+        flag = f"--tuning_until={ts.tuning_until}"
+        if not self.record_level:
+            raise TaskError(f"{flag}: tuning periods are for record-level DP; add --privacy_unit=example")
+        try:
+            until = int(index.searchsorted(pd.Timestamp(ts.tuning_until)))
+        except ValueError:
+            raise TaskError(f"{flag}: not a date; give YYYY-MM-DD")
+        first, last = index[self.block0 + self.record_steps], index[self.cut - 1]
+        if not self.block0 + self.record_steps < until < self.cut:
+            raise TaskError(f"{flag}: must lie after the first record block and before the test period "
+                            f"({first:%Y-%m-%d} to {last:%Y-%m-%d})")
+        self.tuning_until = until
+        if ts.tuning_run:
+            val = until - int(round(0.2 * (until - self.block0)))
+            self.train_span = (0, val)
+            self.train_starts = [valid_starts(v, self.H, self.K, 0, val) for v in self.series]
+            self.test_starts = [valid_starts(v, self.H, self.K, val, until)[::EVAL_STRIDE] for v in self.series]
+            self.tuning_validation = (index[val], index[until - 1])
+        else:
+            self.train_span = (until, self.cut)
+            self.train_starts = [st[st >= until] for st in self.train_starts]
+
+    def _blocks(self, starts: np.ndarray, lo: int = 0, hi: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
+        """(block number, training window starts) of each record block that holds at least one whole window (start
+        and targets inside the block) and lies wholly in [lo, hi), in time order. Blocks are fixed by the calendar:
+        ``record_days`` days from the first midnight of the data, so no block boundary depends on any count."""
+        L = self.record_steps
+        hi = self.cut if hi is None else hi
+        keep = starts[(starts >= self.block0) & ((starts - self.block0) % L + self.H + self.K <= L)]
+        block = (keep - self.block0) // L
+        lo_block, hi_block = -(-(lo - self.block0) // L), (hi - self.block0) // L  # first / past-last whole block
+        return [(int(b), keep[block == b]) for b in np.unique(block) if lo_block <= b < hi_block]
+
+    @property
+    def steps_per_day(self) -> int:
+        return self.season // 7
+
+    @property
+    def record_steps(self) -> int:
+        return self.cfg.task_settings.record_days * self.steps_per_day
+
+    @property
+    def block0(self) -> int:
+        """Index of the first midnight of the data: where the first record block starts."""
+        t = self.index
+        midnight = np.flatnonzero((t.hour == 0) & (t.minute == 0))
+        return int(midnight[0]) if len(midnight) else 0
+
+    def record_dataset(self, i: int, round_seed: int) -> tf.data.Dataset:
+        """Example level: the whole sensor as one element, ``windows_per_record`` windows of each record block
+        (drawn anew each round, with replacement, from the block's own windows) as consecutive rows. Each block
+        draws from its own generator (round, sensor, block number), so which windows a block contributes depends on
+        no other block's data."""
+        m = self.cfg.task_settings.windows_per_record
+        st = np.concatenate([np.random.default_rng([round_seed, i, b, 0x7EC]).choice(starts, m, replace=True)
+                             for b, starts in self.records[i]])
+        x, y, _, _ = make_windows(self.series[i], self.tfeat, st, self.H, self.K)
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
 
     def client_dataset(self, i: int, round_seed: int) -> tf.data.Dataset:
+        if self.record_level:
+            return self.record_dataset(i, round_seed)
         st, cfg = self.train_starts[i], self.cfg
         if len(st) > cfg.max_client_examples:
             st = np.sort(np.random.default_rng([round_seed, i]).choice(st, cfg.max_client_examples, replace=False))
@@ -346,10 +446,56 @@ class _Sensors:
                 "train_windows_per_sensor": {s: int(len(t)) for s, t in zip(self.names, self.train_starts)},
                 "test_windows_per_sensor": {s: int(len(t)) for s, t in zip(self.names, self.test_starts)},
                 "normalisation": "per window, from its own history (mean, spread)",
+                **({"record_blocks_per_sensor": dict(zip(self.names, map(len, self.records)))}
+                   if self.record_level else {}),
+                **({"tuning_run_left_out": self.left_out} if getattr(self, "left_out", None) else {}),
                 "baselines_this_split": base_overall, "baselines_by_client": base_by_sensor,
                 "baselines_reference": {"persistence_h1_mae": 78.0, "same_hour_last_week_h1_mae": 59.1,
                                         "pooled_ridge_h1_mae": 44.7,
                                         "note": "Auckland data, every test hour, measured on this machine"}}
+
+
+DEFAULT_PRIVACY_UNIT = "client"
+
+
+def record_level(cfg) -> bool:
+    """Whether this run protects record blocks (DP-SGD inside each sensor) rather than whole sensors."""
+    p = cfg.privacy
+    if p.mechanism != "auto":
+        return p.mechanism == "dp_sgd"
+    return (DEFAULT_PRIVACY_UNIT if p.privacy_unit == "auto" else p.privacy_unit) == "example"
+
+
+def record_text(d: "_Sensors") -> str:
+    ts = d.cfg.task_settings
+    D, start = ts.record_days, d.index[d.block0].strftime("%Y-%m-%d")
+    return (f"one sensor's counts over one fixed {D}-day block (blocks of {D} days from midnight {start}, fixed by the "
+            f"calendar; {sum(map(len, d.records))} blocks with a whole training window). A training window reads "
+            f"only hours of its own block (history and targets), and each round the mean gradient of "
+            f"{ts.windows_per_record} windows of a block is clipped as one record, so one block moves the update by "
+            f"at most the clip. Any one hour or one calendar day of one sensor lies in one block and has this ε; k "
+            f"consecutive days lie in at most ⌈(k - 1)/{D}⌉ + 1 blocks, and have the ε of that many records by group "
+            f"privacy. A whole sensor is not protected at this level")
+
+
+def tuning_text(d: "_Sensors") -> str:
+    """The report's line on hyperparameter tuning (--tuning_until)."""
+    ts = d.cfg.task_settings
+    if not ts.tuning_until:
+        return ""
+    until = d.index[d.tuning_until].strftime("%Y-%m-%d %H:%M")
+    if ts.tuning_run:
+        lo, hi = (t.strftime("%Y-%m-%d %H:%M") for t in d.tuning_validation)
+        return (f"This is a tuning run (--tuning_run): it trained only on record blocks before {lo} and was scored "
+                f"on windows whose targets lie from {lo} to {hi}, all in the period set apart for tuning "
+                f"(--tuning_until={ts.tuning_until}); it never touched the training or test periods of other runs. "
+                f"Its guarantee covers those blocks for this run alone; choosing settings across several tuning "
+                f"runs spends their privacy, which no report counts.")
+    return (f"Hyperparameter tuning: every sensor's counts before {until} were set apart by a fixed public rule "
+            f"(--tuning_until={ts.tuning_until}) and this run never trained on them, so settings chosen from tuning "
+            f"runs on them (--tuning_run) spend none of the privacy of the blocks it trained on (the set-apart "
+            f"counts' own privacy across tuning runs is not covered). Choosing settings from runs on the training "
+            f"period would spend privacy that this report does not count.")
 
 
 def build(cfg) -> Task:
@@ -358,13 +504,17 @@ def build(cfg) -> Task:
     frame, repairs = regularise(frame)
     d = _Sensors(frame, cfg)
     H, K = d.H, d.K
+    records = dict(example_counts=tuple(len(r) for r in d.records), rows_per_record=ts.windows_per_record,
+                   record_is=record_text(d)) if d.record_level else {}
     return Task(
         name="traffic", population=len(d.names), client_dataset=d.client_dataset,
         build_model=lambda: forecaster(H, K, ts.model_dim, ts.heads, ts.layers, ts.ff_dim, ts.patch_len, d.season),
         loss=lambda: tf.keras.losses.MeanAbsoluteError(), metrics=lambda: [tf.keras.metrics.MeanSquaredError(name="mse")],
         evaluate=d.evaluate, export=lambda model, path: export_forecaster(model, H, K, path),
         summary=d.summary(info, repairs), privacy_unit="one sensor site: its whole series",
-        headline_metric="test_h1_mae", client_names=tuple(d.names),
+        headline_metric="test_h1_mae", client_names=tuple(d.names), default_privacy_unit=DEFAULT_PRIVACY_UNIT,
+        tuning=tuning_text(d),
+        **records,
     )
 
 

@@ -142,10 +142,14 @@ def test_client_level_on_four_hospitals_says_what_it_means(tmp_path):
     assert r["zcdp_rho"] == pytest.approx(1 / (2 * 0.15**2))
 
 
-def test_equal_rate_client_work_divides_by_q_times_the_clients_records(medical):
+@pytest.mark.parametrize("rows_per_record, clip", [(1, 1e6), (2, 1e-3)])
+def test_equal_rate_client_work_divides_by_q_times_the_clients_records(medical, rows_per_record, clip):
     """--example_sampling_rate: q is the same in every client and the noisy sum is divided by q × that client's
-    records. At q = 1 with no noise and no clipping, one step moves the weights by lr × the mean gradient."""
+    records. At q = 1 with no noise, one step moves the weights by lr × the mean over records of each record's
+    clipped gradient; a record of several rows (traffic's blocks) is clipped as one: the gradient of its rows'
+    mean loss."""
     import tensorflow as tf
+    import tensorflow_federated as tff
 
     from tff_pipeline import dp_fedavg, dp_sgd, runtime
     from tff_pipeline.config import make
@@ -155,24 +159,29 @@ def test_equal_rate_client_work_divides_by_q_times_the_clients_records(medical):
     runtime.install_context()
     cfg = make(task="medical", medical_model="logistic", privacy_unit="example", example_sampling_rate=1.0)
     task = tasks.build(cfg)
-    model_fn = dp_fedavg.model_fn_for(task)
-    work = dp_sgd.build_client_work(model_fn, task.loss, learning_rate=0.5, l2_norm_clip=1e6, noise_multiplier=0.0,
-                                    local_steps=1, expected_batch_size=16, sampling_rate=1.0)
+    work = dp_sgd.build_client_work(dp_fedavg.model_fn_for(task), task.loss, learning_rate=0.5, l2_norm_clip=clip,
+                                    noise_multiplier=0.0, local_steps=1, expected_batch_size=16, sampling_rate=1.0,
+                                    rows_per_record=rows_per_record)
     keras_model = task.build_model()
     start = [(0.01 * np.arange(w.size).reshape(w.shape)).astype(np.float32) for w in keras_model.get_weights()]
     keras_model.set_weights(start)
-    import tensorflow_federated as tff
-
     weights = tff.learning.models.ModelWeights(trainable=start, non_trainable=[])
     clients = [0, 2]  # Cleveland (228 training records) and Switzerland (92)
     out = work.next((), [weights] * 2, [task.client_dataset(i, 0) for i in clients])
     for i, res in zip(clients, out.result):
         x, y = next(iter(task.client_dataset(i, 0)))
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.keras.losses.binary_crossentropy(y, keras_model(x), from_logits=True))
-        grads = tape.gradient(loss, keras_model.trainable_variables)
-        for got, g in zip(res.update, grads):
-            np.testing.assert_allclose(got, 0.5 * g.numpy(), rtol=1e-4, atol=1e-7)
+        records = len(x) // rows_per_record
+        total = [np.zeros(w.shape, np.float32) for w in start]
+        for r in range(records):
+            rows = slice(r * rows_per_record, (r + 1) * rows_per_record)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.keras.losses.binary_crossentropy(y[rows], keras_model(x[rows]),
+                                                                          from_logits=True))
+            g = [t.numpy() for t in tape.gradient(loss, keras_model.trainable_variables)]
+            norm = np.sqrt(sum((t**2).sum() for t in g))
+            total = [a + b * min(1.0, clip / norm) for a, b in zip(total, g)]
+        for got, want in zip(res.update, total):
+            np.testing.assert_allclose(got, 0.5 * want / records, rtol=1e-4, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

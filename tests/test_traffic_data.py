@@ -159,3 +159,88 @@ def test_pooled_ridge_baseline_learns_a_linear_series():
     assert np.abs(pred[:, 0] - true[:, 0]).mean() < 0.5 and np.abs(pred[:, 23] - true[:, 23]).mean() < 0.5
     assert np.isnan(pred[:, 5]).all()  # only h1 and hK are fitted
     assert np.abs(v[te + 167] - true[:, 0]).mean() > 5  # persistence is far off
+
+
+def _record_sensors(frame, **kw):
+    from tff_pipeline.config import make
+
+    cfg = make(**{**dict(task="traffic", privacy_unit="example", example_sampling_rate=0.5, history=48, horizon=12,
+                         record_days=4, windows_per_record=3), **kw})
+    return traffic._Sensors(frame, cfg)
+
+
+def _hourly(n=24 * 60, sensors=("a", "b", "c"), start="2024-01-01 05:00"):
+    idx = pd.date_range(start, periods=n, freq="h")
+    rng = np.random.default_rng(3)
+    data = {s: 100 + 50 * np.sin(2 * np.pi * np.arange(n) / 24 + k) + rng.normal(0, 5, n) for k, s in
+            enumerate(sensors)}
+    frame = pd.DataFrame(data, index=idx)
+    frame.iloc[300:340, 1] = np.nan  # a gap in sensor b
+    return frame
+
+
+def test_record_blocks_start_at_midnight_and_hold_their_windows_whole():
+    d = _record_sensors(_hourly())
+    L, H, K = d.record_steps, d.H, d.K
+    assert L == 96 and d.block0 == 19 and d.index[d.block0].hour == 0  # the first midnight
+    for blocks in d.records:
+        for b, starts in blocks:
+            lo = d.block0 + b * L
+            assert d.index[lo].hour == 0 and len(starts)
+            assert (starts >= lo).all() and (starts + H + K <= lo + L).all()  # history and targets in the block
+            assert starts.max() + H + K <= d.cut  # training windows end before the test cut
+    # every calendar day lies in one block: block boundaries are midnights
+    assert all(d.index[d.block0 + k * L].hour == 0 for k in range(len(d.records[0])))
+
+
+def test_one_block_changes_only_its_own_record_rows():
+    """The contribution bound: change every count of one block of sensor a (and blank part of it): the rows the
+    other blocks contribute are unchanged, whatever windows the changed block now has."""
+    frame = _hourly()
+    d = _record_sensors(frame)
+    b, starts = d.records[0][3]
+    lo = d.block0 + b * d.record_steps
+    changed = frame.copy()
+    changed.iloc[lo : lo + d.record_steps, 0] *= 3
+    changed.iloc[lo + 10 : lo + 30, 0] = np.nan
+    d2 = _record_sensors(changed)
+    m = 3
+    x1, y1 = next(iter(d.record_dataset(0, round_seed=11)))
+    x2, y2 = next(iter(d2.record_dataset(0, round_seed=11)))
+    assert x1.shape == x2.shape and x1.shape[0] == m * len(d.records[0])
+    rows = slice(3 * m, 4 * m)
+    keep = np.ones(x1.shape[0], bool)
+    keep[rows] = False
+    np.testing.assert_array_equal(x1.numpy()[keep], x2.numpy()[keep])
+    np.testing.assert_array_equal(y1.numpy()[keep], y2.numpy()[keep])
+    assert not np.array_equal(y1.numpy()[rows], y2.numpy()[rows])
+    # other sensors are untouched
+    np.testing.assert_array_equal(next(iter(d.record_dataset(1, 11)))[0].numpy(),
+                                  next(iter(d2.record_dataset(1, 11)))[0].numpy())
+
+
+def test_a_record_block_shorter_than_a_window_is_refused():
+    with pytest.raises(TaskError, match=r"^--record_days=4 gives record blocks of 96 steps, shorter than one window "
+                                        r"\(--history=96 \+ --horizon=12\); use --record_days=5 or more$"):
+        _record_sensors(_hourly(), history=96)
+
+
+def test_tuning_period_is_set_apart_from_training_and_a_tuning_run_stays_inside_it():
+    frame = _hourly()
+    prod = _record_sensors(frame, tuning_until="2024-01-21")
+    until = prod.tuning_until
+    assert prod.index[until] == pd.Timestamp("2024-01-21")
+    for blocks, starts in zip(prod.records, prod.train_starts):
+        assert all(prod.block0 + b * prod.record_steps >= until for b, _ in blocks)
+        assert (starts >= until).all()
+    assert "were set apart by a fixed public rule (--tuning_until=2024-01-21)" in traffic.tuning_text(prod)
+    tune = _record_sensors(frame, tuning_until="2024-01-21", tuning_run=True)
+    lo, hi = tune.index.get_loc(tune.tuning_validation[0]), tune.index.get_loc(tune.tuning_validation[1]) + 1
+    assert hi == until and lo < hi
+    for blocks, starts, test in zip(tune.records, tune.train_starts, tune.test_starts):
+        assert all(tune.block0 + (b + 1) * tune.record_steps <= lo for b, _ in blocks) and blocks
+        assert (starts + tune.H + tune.K <= lo).all()
+        assert len(test) and (test + tune.H >= lo).all() and (test + tune.H + tune.K <= hi).all()
+    assert traffic.tuning_text(tune).startswith("This is a tuning run (--tuning_run)")
+    with pytest.raises(TaskError, match="^--tuning_until=2023-01-01: must lie after the first record block"):
+        _record_sensors(frame, tuning_until="2023-01-01")

@@ -60,6 +60,8 @@ class Task:
       default_privacy_unit: "client" (DP-FedAvg) or "example" (DP-SGD in
         each client) when --privacy_unit=auto.
       example_counts, client_names: per client, for example-level accounting.
+      rows_per_record: example level: a record (the unit DP-SGD samples and
+        clips) is this many consecutive rows of a client's data (1: a row).
       adapter_rank: the rank of the model's low-rank adapters (0: none); with
         them only the adapters train in the federated rounds.
       tuning: how hyperparameter tuning relates to this run's clients (users
@@ -85,6 +87,7 @@ class Task:
     example_counts: tuple = ()
     client_names: tuple = ()
     record_is: str = "one example"
+    rows_per_record: int = 1
     adapter_rank: int = 0
     tuning: str = ""
 
