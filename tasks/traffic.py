@@ -276,6 +276,8 @@ class _Sensors:
     scored on, and what is computed from them: a client's dataset, forecasts, scores and baselines."""
 
     def __init__(self, frame, cfg):
+        import pandas as pd
+
         ts = cfg.task_settings
         self.cfg, self.H, self.K = cfg, ts.history, ts.horizon
         n, H, K = len(frame), self.H, self.K
@@ -297,6 +299,11 @@ class _Sensors:
         if ts.tuning_until:
             self._set_tuning_period(ts, frame.index)
         if self.record_level:
+            step = self.index[1] - self.index[0]
+            if pd.Timedelta(days=1) % step or not ((self.index.hour == 0) & (self.index.minute == 0)).any():
+                raise TaskError(f"record-level DP needs record blocks that start at midnight: the time step ({step}) "
+                                f"must divide a day and the data must hold a midnight; use --privacy_unit=client "
+                                f"for this file")
             if self.record_steps < H + K:
                 days = -(-(H + K) // self.steps_per_day)
                 raise TaskError(f"--record_days={ts.record_days} gives record blocks of {self.record_steps} steps, "
@@ -473,9 +480,12 @@ def record_text(d: "_Sensors") -> str:
             f"calendar; {sum(map(len, d.records))} blocks with a whole training window). A training window reads "
             f"only hours of its own block (history and targets), and each round the mean gradient of "
             f"{ts.windows_per_record} windows of a block is clipped as one record, so one block moves the update by "
-            f"at most the clip. Any one hour or one calendar day of one sensor lies in one block and has this ε; k "
-            f"consecutive days lie in at most ⌈(k - 1)/{D}⌉ + 1 blocks, and have the ε of that many records by group "
-            f"privacy. A whole sensor is not protected at this level")
+            f"at most the clip. Any one hour or one calendar day of one sensor inside a training block lies in that "
+            f"one block and has this ε (hours outside the training blocks are not protected by it: the test period "
+            f"feeds the operator's held-out metrics). k consecutive days lie in at most ⌈(k - 1)/{D}⌉ + 1 blocks; "
+            f"for g blocks group privacy gives only (g·ε, g·e^((g-1)·ε)·δ), which is no useful guarantee unless ε "
+            f"is small, so a change spanning a block boundary is barely protected at the ε of this report. A whole "
+            f"sensor is not protected at this level")
 
 
 def tuning_text(d: "_Sensors") -> str:
@@ -492,10 +502,11 @@ def tuning_text(d: "_Sensors") -> str:
                 f"Its guarantee covers those blocks for this run alone; choosing settings across several tuning "
                 f"runs spends their privacy, which no report counts.")
     return (f"Hyperparameter tuning: every sensor's counts before {until} were set apart by a fixed public rule "
-            f"(--tuning_until={ts.tuning_until}) and this run never trained on them, so settings chosen from tuning "
-            f"runs on them (--tuning_run) spend none of the privacy of the blocks it trained on (the set-apart "
-            f"counts' own privacy across tuning runs is not covered). Choosing settings from runs on the training "
-            f"period would spend privacy that this report does not count.")
+            f"(--tuning_until={ts.tuning_until}) and this run never trained on them, so settings chosen only from "
+            f"tuning runs on them (--tuning_run) spend none of the privacy of the blocks it trained on (the "
+            f"set-apart counts' own privacy across tuning runs is not covered). Any other run on the training "
+            f"period whose results informed the settings, and every other model released from these blocks, "
+            f"composes with this one: this report's ε is for this run alone.")
 
 
 def build(cfg) -> Task:

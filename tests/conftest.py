@@ -148,9 +148,23 @@ def load_json(path):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """At the end of the session (of each xdist worker), no TFF worker started by its commands may be alive: a
+    leftover is named on stderr, killed, and fails the session where pytest lets a hook do so."""
+    import signal
+
     from tff_pipeline import runtime
 
     runtime.stop_workers()
+    left = sorted(session_workers() - WORKERS_AT_START)
+    if left:
+        print(f"\nerror: TFF worker(s) {left} of this test session outlived every command; killed now",
+              file=sys.stderr)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -36,6 +36,12 @@ def test_two_point_frontier_writes_table_csv_and_plot(tmp_path):
     assert float(dp["epsilon_rdp"]) == rep["epsilon"] <= 8 and float(dp["noise_multiplier"]) > 0
     assert float(nodp["noise_multiplier"]) == 0 and math.isinf(float(nodp["epsilon_rdp"]))
     assert float(dp["test_h1_mae"]) > 0 and float(nodp["test_h1_mae"]) > 0
+    # config.json says how to rerun the point alone (its argv is the frontier's).
+    conf = load_json(os.path.join(out, "eps-8-seed-0", "config.json"))
+    cmd = dict(a[2:].split("=", 1) for a in conf["train_command"][1:])
+    assert conf["train_command"][0] == "scripts/train.py" and cmd["target_epsilon"] == "8.0"
+    assert cmd["seed"] == "0" and cmd["output_dir"] == os.path.join(str(out), "eps-8-seed-0")
+    assert "frontier.py" in conf["command"][0]
     md = open(out / "frontier.md").read()
     assert "| target ε |" in md and "central ceiling (no DP)" in md and "persistence_h1_mae" in md
     assert open(out / "frontier.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"

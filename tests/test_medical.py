@@ -184,6 +184,27 @@ def test_equal_rate_client_work_divides_by_q_times_the_clients_records(medical, 
             np.testing.assert_allclose(got, 0.5 * want / records, rtol=1e-4, atol=1e-7)
 
 
+def test_an_empty_dp_sgd_batch_is_a_step_of_noise_only(medical):
+    """q so small that no record is drawn: the step adds only the noise (here none), and nothing fails."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg, dp_sgd, runtime
+    from tff_pipeline.config import make
+
+    import tasks
+
+    runtime.install_context()
+    task = tasks.build(make(task="medical", medical_model="logistic", privacy_unit="example"))
+    for rows in (1, 2):
+        work = dp_sgd.build_client_work(dp_fedavg.model_fn_for(task), task.loss, learning_rate=0.5, l2_norm_clip=1.0,
+                                        noise_multiplier=0.0, local_steps=2, expected_batch_size=16,
+                                        sampling_rate=1e-9, rows_per_record=rows)
+        start = [np.full(w.shape, 0.1, np.float32) for w in task.build_model().get_weights()]
+        out = work.next((), [tff.learning.models.ModelWeights(trainable=start, non_trainable=[])],
+                        [task.client_dataset(0, 0)])
+        assert all(not np.any(u) for u in out.result[0].update)
+
+
 @pytest.fixture(scope="module")
 def equal_rate_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("med_eq") / "run")

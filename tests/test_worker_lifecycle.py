@@ -13,6 +13,8 @@ def test_piped_run_exits_and_leaves_no_worker(trained_run):
 
 
 def test_no_worker_left_by_this_session():
-    # Runs last (file order): every command the session started has ended.
+    # Every command this process (this xdist worker) started before this test has ended and left no worker. Under
+    # `make test` (xdist, loadgroup) it need not run last, so tests/conftest.py's pytest_sessionfinish checks the
+    # same at the end of each worker's session (and kills and names any leftover).
     runtime.stop_workers()
     assert session_workers() <= WORKERS_AT_START

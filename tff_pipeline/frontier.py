@@ -110,7 +110,10 @@ def read_point(out: str, epsilon: float, seed: int) -> dict:
     row = {"target_epsilon": epsilon, "seed": seed,
            "epsilon_rdp": rep["epsilon"] if rep["epsilon"] is not None else math.inf,
            "epsilon_pld": rep.get("epsilon_pld"), "noise_multiplier": rep["noise_multiplier"],
-           "rounds": rep["rounds_run"], "clients_per_round": conf["config"]["clients_per_round"],
+           "rounds": rep["rounds_run"],
+           # example level: every client in every round (its --clients_per_round is not used)
+           "clients_per_round": (len(rep["per_client"]) if rep.get("per_client") else
+                                 conf["config"]["clients_per_round"]),
            "wall_s": summary.get("seconds_total"), "run_dir": out, "headline_metric": summary["headline_metric"]}
     row.update({k: v for k, v in summary["eval"].items()})
     pre = summary.get("public_pretraining") or {}
@@ -128,6 +131,7 @@ def central_ceiling(cfg: TrainConfig, epochs: int, log: Callable[[str], None]) -
     import tasks
     from tff_pipeline import dp_fedavg, train
 
+    tf.keras.backend.clear_session()  # the last point's Keras state goes, as before every point
     full = cfg.replace(max_client_examples=10**9, local_epochs=1)
     task = tasks.build(full)
     tf.keras.utils.set_random_seed(cfg.seed)

@@ -137,8 +137,12 @@ def small_population_warning(pcfg, unit: str) -> str:
                  f"{z / max(pcfg.clients_per_round, 1e-12):.3g} times the clip norm in every coordinate, while a "
                  f"client's clipped update has at most the clip norm in total, so a small ε swamps the update "
                  f"and a large ε says little. ")
-    text += ("For cross-silo data the unit that often matters is the record (--privacy_unit=example, where the "
-             "task supports it).")
+    text += ("Client-level DP fits hundreds of clients or more: at a fixed sampling rate and number of rounds the "
+             "noise multiplier for a target ε does not depend on the population, so the noise on the average "
+             "falls as 1/(clients per round); scripts/privacy_report.py --unit=client --population=N "
+             "--clients_per_round=M --rounds=R --target_epsilon=E gives the noise a larger population would need. "
+             "For cross-silo data the unit that often matters is the record (--privacy_unit=example, where the "
+             "task supports it: medical records, traffic record blocks).")
     return text
 
 

@@ -156,7 +156,7 @@ def _loop(run: Run, hooks: list) -> None:
                 run.stop_reason = reason
                 run.log(reason)
                 break
-            if stop.signal:
+            if stop.signal and r < run.cfg.rounds:  # a signal in the last round: the run is complete anyway
                 run.stop_reason = f"interrupted by {signal.Signals(stop.signal).name} after round {r}"
                 break
     finally:
@@ -251,7 +251,9 @@ def _write_config(cfg, mech, resolved, previous, ckpt, task) -> None:
     """config.json holds settings only; values computed from the data go to operator/ (release_notes)."""
     info = {"config": cfg.to_json(), "mechanism": mech.name, "privacy_unit": mech.unit,
             "privacy": dataclasses.asdict(mech), "noise_calibration": resolved.calibration,
-            "versions": package_versions(), "command": sys.argv}
+            "versions": package_versions(), "command": sys.argv,
+            # what reproduces this run from its settings alone (a frontier point's argv is the frontier's)
+            "train_command": ["scripts/train.py", *(f"--{k}={v}" for k, v in cfg.to_json().items() if v is not None)]}
     if previous is not None:
         info = {**previous, "config": cfg.to_json(),
                 "resumes": previous.get("resumes", []) + [{"command": sys.argv, "from_round": ckpt[0] if ckpt else 0,

@@ -177,20 +177,37 @@ _COMPOSED: "collections.OrderedDict[tuple[str, str], Any]" = collections.Ordered
 COMPOSED_CACHE_SIZE = 32
 
 
-def composed(kind: str, make_accountant, event: dpe.DpEvent):
-    """``make_accountant().compose(event)``, remembered for the last few events of each ``kind`` (the accountant
-    and its neighbouring relation). An accountant is only read once composed (ε at some δ), never composed again,
-    so one can serve every reader: the report's ε at four δ, the budget guard's look-ahead that the next round's
-    progress line asks for again, calibration's repeated checks. Composing the same event twice gives the same
-    accountant, so this changes no number, only how often dp_accounting computes it."""
-    key = (kind, json.dumps(event_to_json(event), sort_keys=True, default=repr))
+def composed(kind: str, make_accountant, event: dpe.DpEvent) -> "ComposedEvent":
+    """``make_accountant().compose(event)``, read-only, remembered for the last ``COMPOSED_CACHE_SIZE`` (kind,
+    accountant, event) keys, one LRU for every kind. ``kind`` names the accountant and its neighbouring relation;
+    the accountant's qualified name is in the key too. What comes back only reads ε (it cannot be composed
+    further), so one composition serves every reader: the report's ε at four δ, the budget guard's look-ahead that
+    the next round's progress line asks for again, calibration's repeated checks. Composing the same event twice
+    gives the same accountant, so this changes no number, only how often dp_accounting computes it."""
+    name = getattr(make_accountant, "__qualname__", repr(make_accountant))
+    key = (kind, name, json.dumps(event_to_json(event), sort_keys=True, default=repr))
     acc = _COMPOSED.get(key)
     if acc is None:
-        acc = _COMPOSED[key] = make_accountant().compose(event)
+        acc = _COMPOSED[key] = ComposedEvent(make_accountant().compose(event))
         while len(_COMPOSED) > COMPOSED_CACHE_SIZE:
             _COMPOSED.popitem(last=False)
     _COMPOSED.move_to_end(key)
     return acc
+
+
+class ComposedEvent:
+    """A composed dp_accounting accountant that can only be read: ε at a δ (and RDP's optimal order)."""
+
+    __slots__ = ("_acc",)
+
+    def __init__(self, acc):
+        self._acc = acc
+
+    def get_epsilon(self, delta: float) -> float:
+        return self._acc.get_epsilon(delta)
+
+    def get_epsilon_and_optimal_order(self, delta: float):
+        return self._acc.get_epsilon_and_optimal_order(delta)
 
 
 def collapse(events: Sequence[dpe.DpEvent]) -> dpe.DpEvent:

@@ -122,7 +122,9 @@ class DPSGDInClient(Mechanism):
         return Resolved(make(z), calib, per_client)
 
     def public_sizes(self, population: int) -> str:
-        return (f"the number of training clients ({population}) and each client's number of training examples, "
+        return (f"the number of training clients ({population}) and each client's number of training records "
+                f"(examples; traffic: record blocks holding a whole training window, a count that depends on the "
+                f"blocks' missing hours), "
                 f"which sets its DP-SGD sampling rate q" + (" and its expected batch q × records, the divisor of its "
                                                             "noisy gradient sum" if self.sampling_rate is not None
                                                             else ""))
