@@ -39,9 +39,13 @@ bench: install
 	@mkdir -p bench
 	$(PY) scripts/bench.py --workload=all --output=bench/bench-$(shell date +%Y%m%d-%H%M%S).json $(BENCH_FLAGS)
 
-FRONTIER_FLAGS ?= --epsilons=1,2,4,8,inf --seeds=0,1,2
+# make frontier (keyboard), or e.g. make frontier FRONTIER_CONFIG=medical-eps1 (or traffic-records)
+FRONTIER_CONFIG ?= keyboard
+FRONTIER_EPS_KEYBOARD := --epsilons=1,2,4,8,inf
+FRONTIER_EPS_OTHER := --epsilons=0.5,1,2,4,8,inf
+FRONTIER_FLAGS ?= $(if $(filter keyboard,$(FRONTIER_CONFIG)),$(FRONTIER_EPS_KEYBOARD),$(FRONTIER_EPS_OTHER)) --seeds=0,1,2
 frontier: install
-	$(PY) scripts/frontier.py --flagfile=configs/keyboard.cfg --output_dir=runs/frontier-keyboard $(FRONTIER_FLAGS)
+	$(PY) scripts/frontier.py --flagfile=configs/$(FRONTIER_CONFIG).cfg --output_dir=runs/frontier-$(FRONTIER_CONFIG) $(FRONTIER_FLAGS)
 
 clean:
 	rm -rf .venv .tools .pytest_cache
