@@ -51,3 +51,22 @@ def test_two_point_frontier_writes_table_csv_and_plot(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("with these settings; reading it") == 2
     assert list(csv.DictReader(open(out / "frontier.csv"))) == rows
+
+
+def test_a_point_whose_last_round_was_signalled_counts_as_finished(tmp_path):
+    """A signal in a point's last round: the run completed every round (summary.json says so beside
+    "interrupted"), so the next frontier command reads the point instead of trying to resume a finished run."""
+    import json
+
+    from tff_pipeline import frontier
+
+    out = tmp_path / "p"
+    (out / "operator").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"config": {"seed": 0, "rounds": 2}}))
+    summary = {"interrupted": True, "stop_reason": "completed all planned rounds"}
+    (out / "operator" / "summary.json").write_text(json.dumps(summary))
+    assert frontier.finished(str(out), ["--seed=0", "--rounds=2"])
+    summary["stop_reason"] = "interrupted by SIGTERM after round 1"
+    (out / "operator" / "summary.json").write_text(json.dumps(summary))
+    assert not frontier.finished(str(out), ["--seed=0", "--rounds=2"])
+    assert not frontier.finished(str(out), ["--seed=1", "--rounds=2"])
