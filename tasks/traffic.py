@@ -25,6 +25,7 @@ trains to ε = 10 (δ = --delta) at the client (sensor) level
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -296,14 +297,15 @@ class _Sensors:
                             f"({frame.index[self.cut]}); remove it or lower --history")
         self.record_level = record_level(cfg)
         self.train_span = (0, self.cut)
-        if ts.tuning_until:
-            self._set_tuning_period(ts, frame.index)
         if self.record_level:
             step = self.index[1] - self.index[0]
             if pd.Timedelta(days=1) % step or not ((self.index.hour == 0) & (self.index.minute == 0)).any():
                 raise TaskError(f"record-level DP needs record blocks that start at midnight: the time step ({step}) "
                                 f"must divide a day and the data must hold a midnight; use --privacy_unit=client "
                                 f"for this file")
+        if ts.tuning_until:
+            self._set_tuning_period(ts, frame.index)
+        if self.record_level:
             if self.record_steps < H + K:
                 days = -(-(H + K) // self.steps_per_day)
                 raise TaskError(f"--record_days={ts.record_days} gives record blocks of {self.record_steps} steps, "
@@ -348,12 +350,11 @@ class _Sensors:
             self.train_span = (until, self.cut)
             self.train_starts = [st[st >= until] for st in self.train_starts]
 
-    def _blocks(self, starts: np.ndarray, lo: int = 0, hi: Optional[int] = None) -> list[tuple[int, np.ndarray]]:
+    def _blocks(self, starts: np.ndarray, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
         """(block number, training window starts) of each record block that holds at least one whole window (start
         and targets inside the block) and lies wholly in [lo, hi), in time order. Blocks are fixed by the calendar:
         ``record_days`` days from the first midnight of the data, so no block boundary depends on any count."""
         L = self.record_steps
-        hi = self.cut if hi is None else hi
         keep = starts[(starts >= self.block0) & ((starts - self.block0) % L + self.H + self.K <= L)]
         block = (keep - self.block0) // L
         lo_block, hi_block = -(-(lo - self.block0) // L), (hi - self.block0) // L  # first / past-last whole block
@@ -367,7 +368,7 @@ class _Sensors:
     def record_steps(self) -> int:
         return self.cfg.task_settings.record_days * self.steps_per_day
 
-    @property
+    @functools.cached_property
     def block0(self) -> int:
         """Index of the first midnight of the data: where the first record block starts."""
         t = self.index

@@ -117,8 +117,9 @@ class DPSGDInClient(Mechanism):
             return cls(n, batch, p.local_steps, z, p.delta, "poisson", p.l2_norm_clip, task.population, rate)
 
         z, calib = calibrated(make, cfg)
-        per_client = {name: {"examples": n, "q": make(z, n).sampling_probability, "mechanism": make(z, n)}
-                      for name, n in zip(task.client_names, task.example_counts)}
+        mechs = {name: (n, make(z, n)) for name, n in zip(task.client_names, task.example_counts)}
+        per_client = {name: {"examples": n, "q": m.sampling_probability, "mechanism": m}
+                      for name, (n, m) in mechs.items()}
         return Resolved(make(z), calib, per_client)
 
     def public_sizes(self, population: int) -> str:
