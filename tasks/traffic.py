@@ -468,10 +468,11 @@ DEFAULT_PRIVACY_UNIT = "client"
 
 def record_level(cfg) -> bool:
     """Whether this run protects record blocks (DP-SGD inside each sensor) rather than whole sensors."""
-    p = cfg.privacy
-    if p.mechanism != "auto":
-        return p.mechanism == "dp_sgd"
-    return (DEFAULT_PRIVACY_UNIT if p.privacy_unit == "auto" else p.privacy_unit) == "example"
+    import types
+
+    from tff_pipeline import mechanisms
+
+    return mechanisms.name_for(cfg, types.SimpleNamespace(default_privacy_unit=DEFAULT_PRIVACY_UNIT)) == "dp_sgd"
 
 
 def record_text(d: "_Sensors") -> str:
