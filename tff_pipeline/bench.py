@@ -148,7 +148,7 @@ def real_task(name: str, config_file: str, clients_per_round: int = 0) -> Worklo
     """A real task at its default config (client level: DP-FedAvg)."""
     import tasks
 
-    cfg = make(**read_flagfile(config_file))
+    cfg = make(**read_flagfile(config_file)).replace(privacy_unit="client")  # medical's default is example
     if clients_per_round:
         cfg = cfg.replace(clients_per_round=clients_per_round)
     if cfg.privacy.target_epsilon is not None:
@@ -172,7 +172,7 @@ def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
 
     @tf.function(reduce_retracing=True)
     def epoch(ds):  # the whole pass in one traced loop, as TFF's client work runs it
-        for x, y in ds:
+        for x, y in iter(ds):  # an iterator, not ReduceDataset (see cohort._make_shard_update)
             with tf.GradientTape() as tape:
                 loss = loss_fn(y, model(x, training=True))
             opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
