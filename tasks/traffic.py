@@ -472,7 +472,8 @@ def record_level(cfg) -> bool:
 
     from tff_pipeline import mechanisms
 
-    return mechanisms.name_for(cfg, types.SimpleNamespace(default_privacy_unit=DEFAULT_PRIVACY_UNIT)) == "dp_sgd"
+    name = mechanisms.name_for(cfg, types.SimpleNamespace(default_privacy_unit=DEFAULT_PRIVACY_UNIT))
+    return mechanisms.REGISTRY[name].unit == "example"
 
 
 def record_text(d: "_Sensors") -> str:

@@ -22,7 +22,7 @@ def read_config(path):
 
 
 def test_every_config_states_its_epsilon():
-    assert len(CONFIGS) == 5
+    assert len(CONFIGS) == 6
     for path in CONFIGS:
         assert read_config(path)[1], f"{path} does not state its ε ('# states: ε ≤ X at δ = Y')"
 

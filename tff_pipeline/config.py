@@ -47,7 +47,7 @@ def need_positive_ints(obj, names) -> None:
         need(v >= 1, f"--{name}={v} must be at least 1")
 
 
-MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
+MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd", "dp_sgd_server")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,9 @@ class PrivacySettings:
 
     mechanism: str = setting("auto", "DP mechanism: dp_fedavg (DP-FedAvg with adaptive clipping, sampled cohorts), "
                              "dp_ftrl (DP-FTRL, Kairouz et al. 2021: tree-aggregated noise, no sampling assumption, "
-                             "epochs of shuffled cohorts), dp_sgd (DP-SGD inside each client, record level), or auto "
+                             "epochs of shuffled cohorts), dp_sgd (DP-SGD inside each client, record level), dp_sgd_server (DP-SGD "
+                             "over every client's records, one step per round, the noise added once by a trusted "
+                             "server: sqrt(clients) times less noise), or auto "
                              "(the task's privacy unit's).")
     privacy_unit: str = setting("auto", "Unit of privacy: client (DP-FedAvg, user level), example (DP-SGD inside "
                                 "each client, record level: hospital visits), or auto (the task's default: keyboard "

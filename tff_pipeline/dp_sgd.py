@@ -172,3 +172,130 @@ def build_process(task, cfg, mech, frozen=()):
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
     return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
                                                            finalizer)
+
+
+def build_clipped_sum_client_work(model_fn, loss_fn, *, l2_norm_clip: float, sampling_rate: float,
+                                  rows_per_record: int = 1):
+    """Client work of DP-SGD with the noise added by the server (``mechanisms.DPSGDServerNoise``): the client
+    Poisson-samples each of its records with probability ``sampling_rate`` (unseeded: secret), clips each record's
+    gradient at the broadcast model to ``l2_norm_clip`` and sends the sum, without noise and without dividing."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    with tf.Graph().as_default():
+        model = model_fn()
+        metrics_agg = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+    weights_type = tff.learning.models.weights_type_from_model(model)
+
+    def make_update():
+        model = model_fn()
+        loss_obj = loss_fn()
+        loss_obj.reduction = tf.keras.losses.Reduction.NONE
+
+        @tf.function
+        def update(initial_weights, dataset):
+            weights = tff.learning.models.ModelWeights.from_model(model)
+            tf.nest.map_structure(lambda a, b: a.assign(b), weights, initial_weights)
+            x, y = tf.data.experimental.get_single_element(dataset)  # the whole client, one element
+            records = tf.shape(x)[0] // rows_per_record
+            take = tf.random.uniform([records]) < sampling_rate  # OS-seeded: secret, new every call
+            if rows_per_record > 1:
+                take = tf.repeat(take, rows_per_record)
+            xb, yb = tf.boolean_mask(x, take), tf.boolean_mask(y, take)
+            jac, norms, non_finite = _per_example_gradients(model, loss_obj, weights.trainable, xb, yb,
+                                                            rows_per_record)
+            factor = tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
+            clipped = tf.reduce_mean(tf.cast(norms > l2_norm_clip, tf.float32)) if tf.shape(norms)[0] > 0 else 0.0
+            total = [tf.reshape(tf.tensordot(factor, j, axes=1), v.shape) for v, j in zip(weights.trainable, jac)]
+            model.forward_pass((x, y), training=False)  # operator-side metrics of the broadcast model
+            result = tff.learning.templates.ClientResult(
+                update=tf.nest.pack_sequence_as(initial_weights.trainable, total), update_weight=tf.constant(1.0))
+            return result, model.report_local_unfinalized_metrics(), clipped, non_finite
+
+        return update
+
+    @tff.tensorflow.computation(weights_type, data_type)
+    def client_update(initial_weights, dataset):
+        return make_update()(initial_weights, dataset)
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
+                               tff.FederatedType(data_type, tff.CLIENTS))
+    def next_fn(state, weights, data):
+        result, model_out, clipped, non_finite = tff.federated_map(client_update, (weights, data))
+        measurements = tff.federated_zip(collections.OrderedDict(
+            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped),
+            non_finite_examples_zeroed=tff.federated_sum(non_finite)))
+        return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+def server_gaussian_sum_factory(stddev: float, divisor: float):
+    """A TFF aggregation factory: the sum over clients of their (already clipped) values, plus Gaussian noise of
+    ``stddev`` per coordinate drawn once on the server (OS-seeded), divided by ``divisor`` (the expected number of
+    sampled records: q × every client's records, public sizes). Client weights are ignored (every client sends a
+    sum, weight 1). Its measurements: the released vector's norm and the norm the noise alone would have, both
+    post-processing of released values and public settings."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    class ServerGaussianSum(tff.aggregators.WeightedAggregationFactory):
+        def create(self, value_type, weight_type):
+            @tff.federated_computation
+            def init_fn():
+                return tff.federated_value((), tff.SERVER)
+
+            @tff.tensorflow.computation(value_type)
+            def noised_mean(total):
+                leaves = [t + tf.random.normal(tf.shape(t), stddev=stddev, dtype=t.dtype)
+                          for t in tf.nest.flatten(total)]
+                out = [t / divisor for t in leaves]
+                d = float(sum(int(np.prod(t.shape)) for t in leaves))
+                norms = collections.OrderedDict(update_norm=tf.linalg.global_norm(out),
+                                                expected_noise_norm=tf.constant(stddev * d**0.5 / divisor,
+                                                                                tf.float32))
+                return tf.nest.pack_sequence_as(total, out), norms
+
+            @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(value_type, tff.CLIENTS),
+                                       tff.FederatedType(weight_type, tff.CLIENTS))
+            def next_fn(state, value, weight):
+                del weight
+                result, norms = tff.federated_map(noised_mean, tff.federated_sum(value))
+                return tff.templates.MeasuredProcessOutput(state, result, norms)
+
+            return tff.templates.AggregationProcess(init_fn, next_fn)
+
+    return ServerGaussianSum()
+
+
+def build_server_noise_process(task, cfg, mech, frozen=()):
+    """DP-SGD over every client's records with the noise added once by the server (``mech``, a DPSGDServerNoise):
+    one step per round; the clients send clipped sums, the server adds N(0, (z·C)²), divides by q × all records
+    and applies the server optimizer to that noisy mean gradient (its learning rate is DP-SGD's)."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg
+
+    model_fn = dp_fedavg.model_fn_for(task, frozen)
+    with tf.Graph().as_default():
+        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+
+    @tff.tensorflow.computation
+    def initial_weights():
+        return tff.learning.models.ModelWeights.from_model(model_fn())
+
+    client_work = build_clipped_sum_client_work(model_fn, task.loss, l2_norm_clip=mech.l2_norm_clip,
+                                                sampling_rate=mech.sampling_rate,
+                                                rows_per_record=task.rows_per_record)
+    aggregator = server_gaussian_sum_factory(mech.noise_multiplier * mech.l2_norm_clip, mech.expected_batch).create(
+        weights_type.trainable, tff.TensorType(np.float32))
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
+    distributor = tff.learning.templates.build_broadcast_process(weights_type)
+    return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
+                                                           finalizer)

@@ -18,9 +18,9 @@ from tff_pipeline.mechanisms.base import (Mechanism, PrivacyConfigError, Resolve
 from tff_pipeline.mechanisms.dp_fedavg import (DPFedAvgAdaptive, calibrate_dp_fedavg, check_adaptive_clipping,
                                                check_calibrated)
 from tff_pipeline.mechanisms.dp_ftrl import DPFTRL
-from tff_pipeline.mechanisms.dp_sgd import DPSGDInClient
+from tff_pipeline.mechanisms.dp_sgd import DPSGDInClient, DPSGDServerNoise
 
-REGISTRY = {m.name: m for m in (DPFedAvgAdaptive, DPSGDInClient, DPFTRL)}
+REGISTRY = {m.name: m for m in (DPFedAvgAdaptive, DPSGDInClient, DPFTRL, DPSGDServerNoise)}
 NAMES = tuple(REGISTRY)
 
 
@@ -51,4 +51,4 @@ def from_json(info: dict[str, Any]) -> Mechanism:
 
 __all__ = ["Mechanism", "RoundPlan", "REGISTRY", "NAMES", "Resolved", "resolve", "from_json", "calibrate",
            "affordable_rounds", "event_to_json", "event_from_json", "PrivacyConfigError", "DPFedAvgAdaptive",
-           "DPSGDInClient", "DPFTRL"]
+           "DPSGDInClient", "DPSGDServerNoise", "DPFTRL"]

@@ -190,3 +190,97 @@ class EveryClient:
 
     def state(self) -> dict:
         return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGDServerNoise(DPSGDInClient):
+    """DP-SGD over the union of every client's records (Abadi et al. 2016), one step per round, with the noise
+    added once by the server: each client Poisson-samples each of its records with the same q, clips each record's
+    gradient to ``l2_norm_clip`` and sends the sum; the server adds N(0, (z·clip)²) to the sum over clients and
+    divides by q × ``total_records``. Adding or removing one record moves that sum by at most the clip, so each
+    round is one Poisson-sampled Gaussian with multiplier z, as for DP-SGD in one client: the same ε for every
+    record, with sqrt(clients) times less noise on the mean gradient than each client noising its own. The price is
+    trust: the server sees each client's sum of clipped gradients before the noise (as DP-FedAvg's server sees the
+    clipped updates); the guarantee is against everyone who sees the released model and metrics."""
+
+    total_records: int = 0  # every client's records: q × this is the divisor (public sizes)
+
+    name: ClassVar[str] = "dp_sgd_server"
+    title: ClassVar[str] = ("DP-SGD over every client's records (Abadi et al. 2016): per-record clipping in the "
+                            "clients, Gaussian noise added once by the server")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sampling_rate is None:
+            raise PrivacyConfigError("--mechanism=dp_sgd_server samples every record with one rate: give "
+                                     "--example_sampling_rate=q (e.g. 0.5)")
+        if self.local_steps != 1:
+            raise PrivacyConfigError(f"--local_steps={self.local_steps}: --mechanism=dp_sgd_server takes one DP-SGD "
+                                     f"step per round (the server adds each step's noise); use --local_steps=1 and "
+                                     f"more --rounds")
+        if self.total_records < 1:
+            raise PrivacyConfigError(f"total_records={self.total_records} must be at least 1")
+
+    @property
+    def expected_batch(self) -> float:
+        """The divisor of the noisy sum: q × every client's records."""
+        return self.sampling_rate * self.total_records
+
+    def build_process(self, task, cfg):
+        from tff_pipeline import dp_sgd
+
+        return dp_sgd.build_server_noise_process(task, cfg, self, cfg.frozen_layers)
+
+    @classmethod
+    def resolve(cls, cfg, task) -> Resolved:
+        """One mechanism for every record (one q, one noisy sum); ``per_client`` lists each client with it."""
+        if not task.example_counts:
+            raise PrivacyConfigError(f"--mechanism=dp_sgd_server: task {task.name!r} has no example-level data; use "
+                                     f"--privacy_unit=client")
+        p, total = cfg.privacy, int(sum(task.example_counts))
+        if p.example_sampling_rate is None:
+            raise PrivacyConfigError("--mechanism=dp_sgd_server samples every record with one rate: give "
+                                     "--example_sampling_rate=q (e.g. 0.5)")
+
+        def make(z, n=min(task.example_counts)):
+            return cls(n, max(1, round(p.example_sampling_rate * n)), p.local_steps, z, p.delta, "poisson",
+                       p.l2_norm_clip, task.population, p.example_sampling_rate, total)
+
+        z, calib = calibrated(make, cfg)
+        per_client = {name: {"examples": n, "q": p.example_sampling_rate, "mechanism": make(z, n)}
+                      for name, n in zip(task.client_names, task.example_counts)}
+        return Resolved(make(z), calib, per_client)
+
+    def public_sizes(self, population: int) -> str:
+        return (f"the number of training clients ({population}) and each client's number of training records "
+                f"(traffic: record blocks holding a whole training window); their total ({self.total_records}) "
+                f"times q is the divisor of the noisy gradient sum")
+
+    def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
+        return ("each client's record sampling and the server's noise draw from unseeded random ops that TensorFlow "
+                "seeds from the operating system; no output of the run contains them")
+
+    def sampling_section(self) -> dict[str, Any]:
+        return {**super().sampling_section(), "total_records": self.total_records,
+                "expected_batch": self.expected_batch, "noise_added_by": "server"}
+
+    def report_rows(self) -> list[tuple[str, Any]]:
+        return [("Sampling rate q (every record of every client)", f"{self.sampling_rate:g}"),
+                ("Expected batch size", f"q × all clients' records = {self.expected_batch:g}"),
+                ("DP-SGD steps per round", 1),
+                ("Noise added by", "the server, once per step, to the sum over clients")]
+
+    def statement(self, r: dict[str, Any], kind_plan: bool) -> str:
+        s = r["sampling"]
+        return (f"Each of the {r['rounds_run']} rounds is one DP-SGD step over every client's records: every client "
+                f"samples each of its records independently with the same probability q = {s['q']:.4g} (Poisson "
+                f"sampling), clips each sampled record's gradient and sends their sum; the server adds Gaussian noise "
+                f"with noise multiplier {r['noise_multiplier']:.6g} once to the sum over all clients and divides by "
+                f"the expected batch (q × {s['total_records']} records). One record moves that sum by at most the "
+                f"clip, so every record gets the same ε")
+
+    def statement_tail(self, r: dict[str, Any]) -> str:
+        return ("; the server sees each client's sum of clipped gradients before it adds the noise (as a DP-FedAvg "
+                "server sees clipped updates), so this guarantee holds against everyone who sees the released model, "
+                "metrics and report, not against the server itself (with --mechanism=dp_sgd each client adds its own "
+                "noise and need not trust the server, at sqrt(clients) times more noise on the mean gradient)")
