@@ -40,7 +40,9 @@ def test_two_workers_match_a_local_run(tmp_path):
         assert local.returncode == 0, local.stderr[-3000:]
         assert remote.returncode == 0, remote.stderr[-3000:]
         busy = [_cpu_seconds(p.pid) - t for (p, _), t in zip(workers, idle)]
-        assert all(b > 0.5 for b in busy), f"worker CPU seconds during the run: {busy}"  # both trained clients
+        # Both trained clients: an idle worker used 0.01 CPU s in 60 s; each of these used 0.5-0.6 s on 2026-12-03
+        # (about half of what it did before the shard loop stopped re-instantiating its body every call).
+        assert all(b > 0.2 for b in busy), f"worker CPU seconds during the run: {busy}"
     finally:
         runtime.stop_workers()
     assert all(p.poll() is not None for p, _ in workers)
