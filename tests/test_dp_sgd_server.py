@@ -108,3 +108,21 @@ def test_report_states_the_event_dp_accounting_computes_and_the_trusted_server(s
     assert all(v["epsilon"] == pytest.approx(eps, rel=1e-9) for v in r["per_client"].values())
     assert "the server adds Gaussian noise" in r["statement"] and "(q × 690 records)" in r["statement"]
     assert "not against the server itself" in r["statement"]
+
+
+def test_a_client_that_samples_no_record_sends_zeros():
+    """q so small that no record is drawn, with records of one and of two rows: the client's sum is zero, and
+    nothing fails."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import dp_fedavg, dp_sgd, runtime
+
+    runtime.install_context()
+    _, task = _medical(example_sampling_rate=0.5, noise_multiplier=1.0)
+    for rows in (1, 2):
+        work = dp_sgd.build_clipped_sum_client_work(dp_fedavg.model_fn_for(task), task.loss, l2_norm_clip=1.0,
+                                                    sampling_rate=1e-9, rows_per_record=rows)
+        start = [np.full(w.shape, 0.1, np.float32) for w in task.build_model().get_weights()]
+        out = work.next((), [tff.learning.models.ModelWeights(trainable=start, non_trainable=[])],
+                        [task.client_dataset(0, 0)])
+        assert all(not np.any(u) for u in out.result[0].update)

@@ -253,8 +253,8 @@ class DPSGDServerNoise(DPSGDInClient):
 
     def public_sizes(self, population: int) -> str:
         return (f"the number of training clients ({population}) and each client's number of training records "
-                f"(traffic: record blocks holding a whole training window); their total ({self.total_records}) "
-                f"times q is the divisor of the noisy gradient sum")
+                f"(traffic: record blocks holding a whole training window, a count that depends on the blocks' "
+                f"missing hours); their total ({self.total_records}) times q is the divisor of the noisy gradient sum")
 
     def secret_randomness(self, sampling_secret: bool) -> Optional[str]:
         return ("each client's record sampling and the server's noise draw from unseeded random ops that TensorFlow "
