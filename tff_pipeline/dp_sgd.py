@@ -77,6 +77,39 @@ def _dp_sgd_step(model, loss_obj, trainable, x, y, q, seeds, step, *, learning_r
     return clipped, non_finite
 
 
+def _as_client_work(model_fn, make_update):
+    """The ClientWorkProcess around ``make_update()`` (a tf.function (initial weights, client dataset) -> (client
+    result, unfinalized metrics, fraction clipped, non-finite count)): TFF maps it over the clients and sums the
+    operator-side measurements."""
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    with tf.Graph().as_default():
+        model = model_fn()
+        metrics_agg = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
+    data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+    weights_type = tff.learning.models.weights_type_from_model(model)
+
+    @tff.tensorflow.computation(weights_type, data_type)
+    def client_update(initial_weights, dataset):
+        return make_update()(initial_weights, dataset)
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
+                               tff.FederatedType(data_type, tff.CLIENTS))
+    def next_fn(state, weights, data):
+        result, model_out, clipped, non_finite = tff.federated_map(client_update, (weights, data))
+        measurements = tff.federated_zip(collections.OrderedDict(
+            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped),
+            non_finite_examples_zeroed=tff.federated_sum(non_finite)))
+        return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
 def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: float, noise_multiplier: float,
                       local_steps: int, expected_batch_size: int, sampling_rate=None, rows_per_record: int = 1):
     """DP-SGD client work. Every client's expected batch is ``expected_batch_size`` (q = it / the client's records),
@@ -86,12 +119,6 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    with tf.Graph().as_default():
-        model = model_fn()
-        metrics_agg = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
-    element_type = tff.types.tensorflow_to_type(model.input_spec)
-    data_type = tff.SequenceType(element_type)
-    weights_type = tff.learning.models.weights_type_from_model(model)
     step_args = dict(learning_rate=learning_rate, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
                      rows_per_record=rows_per_record)
 
@@ -126,24 +153,7 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
 
         return update
 
-    @tff.tensorflow.computation(weights_type, data_type)
-    def client_update(initial_weights, dataset):
-        return make_update()(initial_weights, dataset)
-
-    @tff.federated_computation
-    def init_fn():
-        return tff.federated_value((), tff.SERVER)
-
-    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
-                               tff.FederatedType(data_type, tff.CLIENTS))
-    def next_fn(state, weights, data):
-        result, model_out, clipped, non_finite = tff.federated_map(client_update, (weights, data))
-        measurements = tff.federated_zip(collections.OrderedDict(
-            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped),
-            non_finite_examples_zeroed=tff.federated_sum(non_finite)))
-        return tff.templates.MeasuredProcessOutput(state, result, measurements)
-
-    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+    return _as_client_work(model_fn, make_update)
 
 
 def build_process(task, cfg, mech, frozen=()):
@@ -182,12 +192,6 @@ def build_clipped_sum_client_work(model_fn, loss_fn, *, l2_norm_clip: float, sam
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    with tf.Graph().as_default():
-        model = model_fn()
-        metrics_agg = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
-    data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
-    weights_type = tff.learning.models.weights_type_from_model(model)
-
     def make_update():
         model = model_fn()
         loss_obj = loss_fn()
@@ -215,24 +219,7 @@ def build_clipped_sum_client_work(model_fn, loss_fn, *, l2_norm_clip: float, sam
 
         return update
 
-    @tff.tensorflow.computation(weights_type, data_type)
-    def client_update(initial_weights, dataset):
-        return make_update()(initial_weights, dataset)
-
-    @tff.federated_computation
-    def init_fn():
-        return tff.federated_value((), tff.SERVER)
-
-    @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(weights_type, tff.CLIENTS),
-                               tff.FederatedType(data_type, tff.CLIENTS))
-    def next_fn(state, weights, data):
-        result, model_out, clipped, non_finite = tff.federated_map(client_update, (weights, data))
-        measurements = tff.federated_zip(collections.OrderedDict(
-            train=metrics_agg(model_out), fraction_clipped=tff.federated_mean(clipped),
-            non_finite_examples_zeroed=tff.federated_sum(non_finite)))
-        return tff.templates.MeasuredProcessOutput(state, result, measurements)
-
-    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+    return _as_client_work(model_fn, make_update)
 
 
 def server_gaussian_sum_factory(stddev: float, divisor: float):
