@@ -156,9 +156,9 @@ def build_client_work(model_fn, loss_fn, *, learning_rate: float, l2_norm_clip: 
     return _as_client_work(model_fn, make_update)
 
 
-def build_process(task, cfg, mech, frozen=()):
-    """The example-level DP learning process for ``task``: clip, noise, steps and batch size are those of ``mech``
-    (a DPSGDInClient), the mechanism the accounting describes."""
+def _composed(task, cfg, frozen, client_work_for, aggregation_factory):
+    """TFF's learning process from its broadcast distributor, ``client_work_for(model_fn)``, the weighted
+    ``aggregation_factory`` over the trainable weights and TFF's optimizer finalizer (``cfg``'s server optimizer)."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -172,16 +172,23 @@ def build_process(task, cfg, mech, frozen=()):
     def initial_weights():
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
-    client_work = build_client_work(model_fn, task.loss, learning_rate=cfg.client_learning_rate,
-                                    l2_norm_clip=mech.l2_norm_clip, noise_multiplier=mech.noise_multiplier,
-                                    local_steps=mech.local_steps, expected_batch_size=mech.batch_size,
-                                    sampling_rate=mech.sampling_rate, rows_per_record=task.rows_per_record)
-    # Weighted mean with every client weight 1.0: the unweighted mean of the client deltas.
-    aggregator = tff.aggregators.MeanFactory().create(weights_type.trainable, tff.TensorType(np.float32))
+    aggregator = aggregation_factory.create(weights_type.trainable, tff.TensorType(np.float32))
     finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
-    return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
-                                                           finalizer)
+    return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work_for(model_fn),
+                                                           aggregator, finalizer)
+
+
+def build_process(task, cfg, mech, frozen=()):
+    """The example-level DP learning process for ``task``: clip, noise, steps and batch size are those of ``mech``
+    (a DPSGDInClient), the mechanism the accounting describes. The server takes the unweighted mean of the
+    clients' deltas (a weighted mean with every client weight 1.0)."""
+    import tensorflow_federated as tff
+
+    return _composed(task, cfg, frozen, lambda model_fn: build_client_work(
+        model_fn, task.loss, learning_rate=cfg.client_learning_rate, l2_norm_clip=mech.l2_norm_clip,
+        noise_multiplier=mech.noise_multiplier, local_steps=mech.local_steps, expected_batch_size=mech.batch_size,
+        sampling_rate=mech.sampling_rate, rows_per_record=task.rows_per_record), tff.aggregators.MeanFactory())
 
 
 def build_clipped_sum_client_work(model_fn, loss_fn, *, l2_norm_clip: float, sampling_rate: float,
@@ -264,25 +271,7 @@ def build_server_noise_process(task, cfg, mech, frozen=()):
     """DP-SGD over every client's records with the noise added once by the server (``mech``, a DPSGDServerNoise):
     one step per round; the clients send clipped sums, the server adds N(0, (z·C)²), divides by q × all records
     and applies the server optimizer to that noisy mean gradient (its learning rate is DP-SGD's)."""
-    import tensorflow as tf
-    import tensorflow_federated as tff
-
-    from tff_pipeline import dp_fedavg
-
-    model_fn = dp_fedavg.model_fn_for(task, frozen)
-    with tf.Graph().as_default():
-        weights_type = tff.learning.models.weights_type_from_model(model_fn())
-
-    @tff.tensorflow.computation
-    def initial_weights():
-        return tff.learning.models.ModelWeights.from_model(model_fn())
-
-    client_work = build_clipped_sum_client_work(model_fn, task.loss, l2_norm_clip=mech.l2_norm_clip,
-                                                sampling_rate=mech.sampling_rate,
-                                                rows_per_record=task.rows_per_record)
-    aggregator = server_gaussian_sum_factory(mech.noise_multiplier * mech.l2_norm_clip, mech.expected_batch).create(
-        weights_type.trainable, tff.TensorType(np.float32))
-    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
-    distributor = tff.learning.templates.build_broadcast_process(weights_type)
-    return tff.learning.templates.compose_learning_process(initial_weights, distributor, client_work, aggregator,
-                                                           finalizer)
+    return _composed(task, cfg, frozen, lambda model_fn: build_clipped_sum_client_work(
+        model_fn, task.loss, l2_norm_clip=mech.l2_norm_clip, sampling_rate=mech.sampling_rate,
+        rows_per_record=task.rows_per_record),
+        server_gaussian_sum_factory(mech.noise_multiplier * mech.l2_norm_clip, mech.expected_batch))
