@@ -192,6 +192,10 @@ class EveryClient:
         return {}
 
 
+_NEEDS_RATE = ("--mechanism=dp_sgd_server samples every record with one rate: give --example_sampling_rate=q "
+               "(e.g. 0.5)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DPSGDServerNoise(DPSGDInClient):
     """DP-SGD over the union of every client's records (Abadi et al. 2016), one step per round, with the noise
@@ -212,8 +216,7 @@ class DPSGDServerNoise(DPSGDInClient):
     def __post_init__(self):
         super().__post_init__()
         if self.sampling_rate is None:
-            raise PrivacyConfigError("--mechanism=dp_sgd_server samples every record with one rate: give "
-                                     "--example_sampling_rate=q (e.g. 0.5)")
+            raise PrivacyConfigError(_NEEDS_RATE)
         if self.local_steps != 1:
             raise PrivacyConfigError(f"--local_steps={self.local_steps}: --mechanism=dp_sgd_server takes one DP-SGD "
                                      f"step per round (the server adds each step's noise); use --local_steps=1 and "
@@ -238,9 +241,8 @@ class DPSGDServerNoise(DPSGDInClient):
             raise PrivacyConfigError(f"--mechanism=dp_sgd_server: task {task.name!r} has no example-level data; use "
                                      f"--privacy_unit=client")
         p, total = cfg.privacy, int(sum(task.example_counts))
-        if p.example_sampling_rate is None:
-            raise PrivacyConfigError("--mechanism=dp_sgd_server samples every record with one rate: give "
-                                     "--example_sampling_rate=q (e.g. 0.5)")
+        if p.example_sampling_rate is None:  # checked before make() computes the batch from it
+            raise PrivacyConfigError(_NEEDS_RATE)
 
         def make(z, n=min(task.example_counts)):
             return cls(n, max(1, round(p.example_sampling_rate * n)), p.local_steps, z, p.delta, "poisson",
