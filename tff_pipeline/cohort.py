@@ -157,8 +157,24 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
         result, new_state, _ = query.get_noised_result(record_sum, state)
         return result, new_state, _with_norms(query.derive_metrics(new_state), state, result)
 
+    secure = getattr(mech, "secure_aggregation", False)
     return _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
-                     initial_query_state, derive_params, shard_update, noised_mean)
+                     initial_query_state, derive_params, shard_update, noised_mean,
+                     _secure_sums(record_sum_type, mech.secure_sum_bound) if secure else None)
+
+
+def _secure_sums(record_type, bound: float):
+    """--secure_aggregation: the aggregations of next_fn as secure sums (TFF's ``SecureSumFactory``, whose
+    intrinsic is ``federated_secure_sum_bitwidth``): the clipped records quantised to 32 bits over [-bound, bound],
+    the client and zeroed counts as 1-bit-per-client integers, the training metrics by TFF's
+    ``secure_sum_then_finalize``. Each shard must then be one client (the training loop makes it so): a shard's
+    own sum of several clients would be plaintext. Returns (records, counts) aggregation processes."""
+    import numpy as np
+    import tensorflow_federated as tff
+
+    records = tff.aggregators.SecureSumFactory(float(bound)).create(record_type)
+    counts = tff.aggregators.SecureSumFactory(1).create(tff.TensorType(np.int32))
+    return records, counts
 
 
 def _with_norms(metrics, state, result):
@@ -183,14 +199,26 @@ def _with_norms(metrics, state, result):
 
 
 def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
-              initial_query_state, derive_params, shard_update, noised_mean):
+              initial_query_state, derive_params, shard_update, noised_mean, secure=None):
     """The LearningProcess from TFF's broadcast distributor, the shard computations and TFF's optimizer
     finalizer; its state is TFF's LearningAlgorithmState."""
     import tensorflow_federated as tff
 
     from tff_pipeline import dp_fedavg
 
-    metrics_agg = tff.learning.metrics.sum_then_finalize(metric_finalizers)
+    metrics_agg = (tff.learning.metrics.secure_sum_then_finalize if secure else
+                   tff.learning.metrics.sum_then_finalize)(metric_finalizers)
+
+    def plain_sum(value):
+        return tff.federated_sum(value), None
+
+    def secure_sum(process):
+        def aggregate(value):
+            out = process.next(process.initialize(), value)  # fixed bounds: the state is empty
+            return out.result, out.measurements
+        return aggregate
+
+    sum_records, sum_count = (secure_sum(secure[0]), secure_sum(secure[1])) if secure else (plain_sum, plain_sum)
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
     finalizer = tff.learning.templates.build_apply_optimizer_finalizer(dp_fedavg.server_optimizer(cfg), weights_type)
     state_cls = tff.learning.templates.LearningAlgorithmState
@@ -207,16 +235,19 @@ def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartab
         dist = distributor.next(state.distributor, state.global_model_weights)
         params = tff.federated_broadcast(tff.federated_map(derive_params, state.aggregator))
         records, local_metrics, clients, zeroed = tff.federated_map(shard_update, (dist.result, params, shards))
-        update, query_state, query_metrics = tff.federated_map(
-            noised_mean, (tff.federated_sum(records), state.aggregator))
+        record_sum, secure_measurements = sum_records(records)
+        update, query_state, query_metrics = tff.federated_map(noised_mean, (record_sum, state.aggregator))
         fin = finalizer.next(state.finalizer, state.global_model_weights, update)
         new_state = tff.federated_zip(state_cls(fin.result, dist.state, state.client_work, query_state, fin.state))
+        train = metrics_agg(local_metrics)
+        aggregator = collections.OrderedDict(dp_query_metrics=query_metrics,
+                                             non_finite_updates_zeroed=sum_count(zeroed)[0])
+        if secure:
+            aggregator["secure_sum"] = secure_measurements
         metrics = tff.federated_zip(collections.OrderedDict(
             distributor=dist.measurements,
-            client_work=tff.federated_zip(collections.OrderedDict(
-                train=metrics_agg(local_metrics), clients=tff.federated_sum(clients))),
-            aggregator=tff.federated_zip(collections.OrderedDict(
-                dp_query_metrics=query_metrics, non_finite_updates_zeroed=tff.federated_sum(zeroed))),
+            client_work=tff.federated_zip(collections.OrderedDict(train=train, clients=sum_count(clients)[0])),
+            aggregator=tff.federated_zip(aggregator),
             finalizer=fin.measurements))
         return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 

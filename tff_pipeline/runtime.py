@@ -175,7 +175,15 @@ def install_context(workers: Sequence[str] = ()) -> int:
     from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 
-    args = dict(compiler_fn=compiler.desugar_and_transform_to_native,
+    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+
+    def compile_fn(comp):
+        # TFF's C++ runtime cannot run the secure-sum intrinsics (--secure_aggregation): as TFF's test backend
+        # does, they become their own quantisation, clipping and modular arithmetic, without the cryptography.
+        # A computation without them is unchanged.
+        return compiler.desugar_and_transform_to_native(test_compiler.replace_secure_intrinsics_with_bodies(comp))
+
+    args = dict(compiler_fn=compile_fn,
                 transform_args=tensorflow_computation.transform_args,
                 transform_result=tensorflow_computation.transform_result)
     if workers:

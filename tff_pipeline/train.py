@@ -94,8 +94,10 @@ class Run:
         data = [self.task.client_dataset(int(i), self.cfg.seed * 1_000_003 + r) for i in ids]
         if self.mech.unit != "client":
             return [cohort.without_autotune(d) for d in data]
-        # The cohort as one shard per worker; an empty cohort is still a round (noise only, counted).
-        return cohort.shard_datasets(data, self.num_workers) or cohort.empty_shards(self.task.element_spec)
+        # The cohort as one shard per worker; an empty cohort is still a round (noise only, counted). With secure
+        # aggregation one shard per client: a shard sums its clients in plaintext.
+        shards = len(data) if getattr(self.mech, "secure_aggregation", False) else self.num_workers
+        return cohort.shard_datasets(data, shards) or cohort.empty_shards(self.task.element_spec)
 
 
 def _print(line: str) -> None:

@@ -39,7 +39,11 @@ def name_for(cfg, task) -> str:
 
 def resolve(cfg, task) -> Resolved:
     """The run's mechanism, from its privacy settings and the task (z calibrated from --target_epsilon)."""
-    return REGISTRY[name_for(cfg, task)].resolve(cfg, task)
+    name = name_for(cfg, task)
+    if cfg.privacy.secure_aggregation and name != "dp_fedavg":
+        raise PrivacyConfigError(f"--secure_aggregation needs client-level DP-FedAvg (--privacy_unit=client, "
+                                 f"--mechanism=dp_fedavg); this run's mechanism is {name}")
+    return REGISTRY[name].resolve(cfg, task)
 
 
 def from_json(info: dict[str, Any]) -> Mechanism:

@@ -53,6 +53,8 @@ class DPFedAvgAdaptive(Mechanism):
     initial_clip: float = 0.1
     target_unclipped_quantile: float = 0.5
     clip_learning_rate: float = 0.2
+    secure_aggregation: bool = False
+    secure_sum_bound: float = 100.0
 
     name: ClassVar[str] = "dp_fedavg"
     title: ClassVar[str] = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator"
@@ -67,6 +69,10 @@ class DPFedAvgAdaptive(Mechanism):
             raise PrivacyConfigError(f"--clipped_count_stddev={self.clipped_count_stddev} must be >= 0")
         check_adaptive_clipping(self.noise_multiplier, self.clients_per_round, self.clipped_count_stddev,
                                 self.population)
+        if self.secure_aggregation and self.initial_clip > self.secure_sum_bound:
+            raise PrivacyConfigError(
+                f"--secure_sum_bound={self.secure_sum_bound:g} is below --initial_clip={self.initial_clip:g}: the "
+                f"secure sum would clip the clipped updates again; raise --secure_sum_bound above the clip norm")
 
     # --- relation and events ---
     @property
@@ -140,7 +146,8 @@ class DPFedAvgAdaptive(Mechanism):
                                     p.sampling, p.clipped_count_stddev)
             calib = calibration(cfg, z)
         return Resolved(cls(task.population, p.clients_per_round, z, p.delta, p.sampling, p.clipped_count_stddev,
-                            p.initial_clip, p.target_unclipped_quantile, p.clip_learning_rate), calib)
+                            p.initial_clip, p.target_unclipped_quantile, p.clip_learning_rate,
+                            p.secure_aggregation, p.secure_sum_bound), calib)
 
     released_by_mechanism: ClassVar[tuple[str, ...]] = (
         "the adaptive clip norm of each round (a function of the noisy aggregates; it is in operator/metrics.csv "
@@ -160,7 +167,18 @@ class DPFedAvgAdaptive(Mechanism):
 
     def report_extras(self, entries) -> dict[str, Any]:
         return {"update_noise_multiplier": self.update_noise_multiplier,
-                "clipped_count_stddev": self.effective_clipped_count_stddev}
+                "clipped_count_stddev": self.effective_clipped_count_stddev,
+                "secure_aggregation": self.secure_aggregation_section()}
+
+    def secure_aggregation_section(self) -> dict[str, Any]:
+        """Who sees a client's clipped update: the report's trust model (README, "Who sees what")."""
+        if not self.secure_aggregation:
+            return {"enabled": False, "server_sees": "each sampled client's clipped update, before the noise"}
+        return {"enabled": True, "server_sees": "only the sum of the cohort's clipped updates, before the noise",
+                "protocol": "TFF secure-sum intrinsics (federated_secure_sum_bitwidth, Bonawitz et al. 2017)",
+                "quantisation_bits": 32, "coordinate_bound": self.secure_sum_bound,
+                "backend": "simulation: TFF's test backend runs the secure sum's quantisation, clipping and modular "
+                           "arithmetic in plaintext; the cryptography needs a production backend"}
 
     # --- schedule ---
     def sampler(self, public_seed: Optional[int] = None) -> "ClientSampler":
@@ -196,7 +214,11 @@ class DPFedAvgAdaptive(Mechanism):
 
     def report_rows(self) -> list[tuple[str, Any]]:
         rows = [("Noise multiplier on updates", f"{self.update_noise_multiplier:.6g}"),
-                ("Clipped-count noise stddev", f"{self.effective_clipped_count_stddev:.6g}")]
+                ("Clipped-count noise stddev", f"{self.effective_clipped_count_stddev:.6g}"),
+                ("Secure aggregation", f"yes: the server saw only the cohort's sum (32-bit, bound "
+                                       f"{self.secure_sum_bound:g}; simulated, TFF test backend; the cryptography "
+                                       f"needs a production backend)" if self.secure_aggregation else
+                                       "no: the server saw each clipped update")]
         if self.is_private:
             rows.append(("Noise multiplier given to the accountant (std / sensitivity)",
                          f"{self.event_noise_multiplier:.6g}"))
@@ -214,20 +236,32 @@ class DPFedAvgAdaptive(Mechanism):
         return text
 
     def statement_tail(self, r: dict[str, Any]) -> str:
-        if self.sampling != "fixed":
-            return ""
-        return (f"; under replace-one a client moves the clipped sum by twice the clip norm (and its clipped-count "
-                f"bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
+        text = ""
+        if self.sampling == "fixed":
+            text = (f"; under replace-one a client moves the clipped sum by twice the clip norm (and its "
+                    f"clipped-count bit by 1), so the accountant's multiplier is z/2 = {r['event_noise_multiplier']:.4g}")
+        if self.secure_aggregation:
+            return text + (f". The clients' clipped updates reached the server only as a secure sum over the cohort "
+                           f"(each coordinate quantised to 32 bits over [-{self.secure_sum_bound:g}, "
+                           f"{self.secure_sum_bound:g}]); the server added the noise to that sum, so the guarantee "
+                           f"still trusts it to add the noise and keep it secret. This run simulated the secure sum "
+                           f"with TFF's test backend (its arithmetic, not its cryptography, which needs a production "
+                           f"backend)")
+        return text + (". The server that ran the rounds saw each sampled client's clipped update before adding the "
+                       "noise: the guarantee is about what it released, and trusts the server itself")
 
 
 def train_metrics(m: dict[str, float]) -> dict[str, float]:
     """The operator's per-round training metrics from the flattened measurements."""
-    train = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("client_work/train/")}
+    # (secure_sum_then_finalize adds its own clipping counts per value range: not training metrics)
+    train = {k.split("/")[-1]: v for k, v in m.items()
+             if k.startswith("client_work/train/") and "/secure_sum_measurements/" not in k}
     if "client_work/fraction_clipped" in m:
         train["fraction_clipped"] = m["client_work/fraction_clipped"]
     for k, v in m.items():
         if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed", "dp_query_metrics/update_norm",
-                       "dp_query_metrics/expected_noise_norm")):
+                       "dp_query_metrics/expected_noise_norm", "secure_upper_clipped_count",
+                       "secure_lower_clipped_count")):
             train[k.split("/")[-1]] = v
     if "update_norm" in train and "expected_noise_norm" in train:
         # E|s + N|^2 = |s|^2 + E|N|^2: an estimate of the clipped signal's norm (post-processing).
