@@ -187,6 +187,12 @@ class TrainConfig:
     workers: str = setting("", "Run on running TFF worker services, HOST:PORT,... (start each with TFF's "
                            "worker_binary, see README); each round's cohort is split across them. Empty: one local "
                            "worker, started and stopped by this run.", resumable=True)
+    workers_tls_ca: str = setting("", "--workers over mutual TLS: the CA (PEM) that signed the workers' "
+                                  "certificates (scripts/worker.py --tls_cert).", resumable=True)
+    workers_tls_cert: str = setting("", "--workers over mutual TLS: this coordinator's certificate (PEM), signed by "
+                                    "the CA the workers trust (their --tls_client_ca).", resumable=True)
+    workers_tls_key: str = setting("", "--workers over mutual TLS: the private key (PEM) of --workers_tls_cert.",
+                                   resumable=True)
     privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
     # The task's own settings (tasks/<name>.Settings); None for a task outside the registry (the bench's).
     task_settings: Any = None
@@ -214,6 +220,10 @@ class TrainConfig:
                  f"--workers: {w!r} is not HOST:PORT; give e.g. --workers=10.0.0.5:8000,10.0.0.6:8000")
         need(len(set(self.worker_addresses)) == len(self.worker_addresses),
              f"--workers={self.workers} names a worker twice; list each HOST:PORT once")
+        tls = (self.workers_tls_ca, self.workers_tls_cert, self.workers_tls_key)
+        need(not any(tls) or bool(self.worker_addresses),
+             "--workers_tls_ca/--workers_tls_cert/--workers_tls_key secure the channels to --workers; give "
+             "--workers=HOST:PORT,... or drop them")
         need(not (self.privacy.secure_aggregation and self.worker_addresses),
              f"--secure_aggregation runs on the local worker: with --workers={self.workers} TFF would merge the "
              f"workers' partial sums in plaintext; drop one of the two")
@@ -225,6 +235,13 @@ class TrainConfig:
     @property
     def worker_addresses(self) -> tuple[str, ...]:
         return tuple(w.strip() for w in self.workers.split(",") if w.strip())
+
+    @property
+    def workers_tls(self):
+        """The coordinator's mutual-TLS settings for --workers (tff_pipeline.tls.ClientTls), or None."""
+        from tff_pipeline import tls
+
+        return tls.ClientTls.from_flags(self.workers_tls_ca, self.workers_tls_cert, self.workers_tls_key)
 
     def with_privacy_default(self, default_target_epsilon: float) -> "TrainConfig":
         """Private by default: with neither --noise_multiplier nor --target_epsilon, the task's default target ε."""

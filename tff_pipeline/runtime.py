@@ -110,15 +110,18 @@ def stop_workers(timeout: float = 5.0) -> None:
 atexit.register(stop_workers)
 
 
-def _executor_factory(target: str, ready_timeout: float = 20.0):
-    """A TFF executor factory over the running worker service at ``target``."""
+def _executor_factory(target: str, ready_timeout: float = 20.0, tls=None):
+    """A TFF executor factory over the running worker service at ``target`` (over mutual TLS with ``tls``, a
+    tff_pipeline.tls.ClientTls)."""
     import grpc
     from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
     from tensorflow_federated.python.core.impl.executors import remote_executor
     from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
     from tensorflow_federated.python.core.impl.types import placements
 
-    stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(target, _GRPC_OPTIONS))
+    channel = (grpc.secure_channel(target, tls.grpc_credentials(), _GRPC_OPTIONS) if tls is not None else
+               grpc.insecure_channel(target, _GRPC_OPTIONS))
+    stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
     deadline = time.monotonic() + ready_timeout
     while not stub.is_ready:
         if time.monotonic() > deadline:
@@ -135,15 +138,19 @@ def _executor_factory(target: str, ready_timeout: float = 20.0):
     return python_executor_stacks.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
-def check_reachable(workers: Sequence[str], timeout: float = 5.0) -> None:
+def check_reachable(workers: Sequence[str], timeout: float = 5.0, tls=None) -> None:
     """Fails fast, before TFF is imported, when a --workers address takes no
-    TCP connection (no service there, wrong host or port)."""
+    TCP connection (no service there, wrong host or port), or when its TLS and
+    ours do not match (tff_pipeline.tls.probe)."""
+    from tff_pipeline import tls as tls_module
+
     for w in workers:
         host, _, port = w.rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=timeout).close()
         except OSError as e:
             raise _no_worker(w, f"({e.strerror or e})") from None
+        tls_module.probe(w, tls, timeout)
 
 
 def _no_worker(address: str, why: str):
@@ -156,7 +163,7 @@ def _no_worker(address: str, why: str):
 _installed: Optional[tuple[str, ...]] = None
 
 
-def install_context(workers: Sequence[str] = ()) -> int:
+def install_context(workers: Sequence[str] = (), tls=None) -> int:
     """Makes TFF run computations on TFF worker services; returns how many.
 
     Without ``workers``: one worker on localhost, started here (once) and
@@ -187,7 +194,7 @@ def install_context(workers: Sequence[str] = ()) -> int:
                 transform_args=tensorflow_computation.transform_args,
                 transform_result=tensorflow_computation.transform_result)
     if workers:
-        contexts = [async_execution_context.AsyncExecutionContext(executor_fn=_executor_factory(w), **args)
+        contexts = [async_execution_context.AsyncExecutionContext(executor_fn=_executor_factory(w, tls=tls), **args)
                     for w in workers]
         context = execution_contexts.create_mergeable_comp_execution_context(contexts)
     else:

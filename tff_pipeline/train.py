@@ -213,7 +213,8 @@ def _setup(cfg, log, t_start, previous, stale, defaulted) -> tuple[Run, Optional
                           f"public data; use --public_pretrain_epochs=0")
     if resolved.calibration and defaulted:
         resolved.calibration["task_default"] = True
-    runtime.check_reachable(cfg.worker_addresses)  # an unreachable --workers fails here, before anything changes
+    # An unreachable --workers, or one whose TLS does not match ours, fails here, before anything changes.
+    runtime.check_reachable(cfg.worker_addresses, tls=cfg.workers_tls)
     remove_entries(cfg.output_dir, stale)  # --overwrite: only now that the data and settings passed their checks
     ledger = checkpoint.Ledger(cfg.output_dir)
     ckpt = checkpoint.latest(cfg.output_dir) if previous else None
@@ -274,7 +275,7 @@ def _start_training_state(run: Run, ckpt) -> None:
     from tff_pipeline import checkpoint, dp_fedavg, runtime
 
     cfg, task, mech = run.cfg, run.task, run.mech
-    run.num_workers = runtime.install_context(cfg.worker_addresses)
+    run.num_workers = runtime.install_context(cfg.worker_addresses, cfg.workers_tls)
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
     run.log(f"building the {mech.name} process ...")
     run.process = mech.build_process(task, cfg)
