@@ -47,7 +47,7 @@ def need_positive_ints(obj, names) -> None:
         need(v >= 1, f"--{name}={v} must be at least 1")
 
 
-MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd", "dp_sgd_server")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
+MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd", "dp_sgd_server", "distributed_dp")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,8 @@ class PrivacySettings:
                              "dp_ftrl (DP-FTRL, Kairouz et al. 2021: tree-aggregated noise, no sampling assumption, "
                              "epochs of shuffled cohorts), dp_sgd (DP-SGD inside each client, record level), dp_sgd_server (DP-SGD "
                              "over every client's records, one step per round, the noise added once by a trusted "
-                             "server: sqrt(clients) times less noise), or auto "
+                             "server: sqrt(clients) times less noise), distributed_dp (the clients add discrete "
+                             "Gaussian noise, summed by secure aggregation; Kairouz et al. 2021), or auto "
                              "(the task's privacy unit's).")
     privacy_unit: str = setting("auto", "Unit of privacy: client (DP-FedAvg, user level), example (DP-SGD inside "
                                 "each client, record level: hospital visits), or auto (the task's default: keyboard "
@@ -94,6 +95,12 @@ class PrivacySettings:
         100.0, "--secure_aggregation: each coordinate of a client's clipped update is clipped to [-B, B] and "
         "quantised to 32 bits before the secure sum; keep B above the clip norm (no coordinate of a clipped update "
         "exceeds it).", accounting=True)
+    ddp_clip: float = setting(0.1, "--mechanism=distributed_dp: the fixed per-client L2 clip norm C (Kairouz, Liu, "
+                              "Steinke 2021).", accounting=True)
+    ddp_bits: int = setting(20, "--mechanism=distributed_dp: the secure sum works modulo 2^bits (1..22); more bits, "
+                            "finer quantisation (Kairouz, Liu, Steinke 2021, Sec. 4).", accounting=True)
+    ddp_rotation: str = setting("hd", "--mechanism=distributed_dp: the rotation that flattens updates before "
+                                "quantisation: hd (randomised Hadamard) or dft.", accounting=True)
     ftrl_clip: float = setting(0.1, "DP-FTRL: the fixed per-client L2 clip norm of the updates (Kairouz et al. "
                                "2021).")
     l2_norm_clip: float = setting(1.0, "Per-example L2 clip of DP-SGD (--privacy_unit=example; Abadi et al. 2016).")

@@ -117,7 +117,7 @@ def is_usable_update(leaves):
                           tf.math.is_finite(tf.linalg.global_norm(leaves)))
 
 
-def zero_non_finite(inner):
+def zero_non_finite(inner, secure: bool = False):
     """Wraps an unweighted aggregation factory so that a client update with
     any NaN or Inf, or whose L2 norm overflows, is replaced by zeros on the client, before clipping and
     noise. A bad client then contributes nothing instead of poisoning the
@@ -132,7 +132,8 @@ def zero_non_finite(inner):
     non-finite or exactly zero (what TFF's zeroing leaves; a client that
     trained on nothing also counts). It is summed without noise: like the
     training metrics it is for the operator, not for release (the report
-    says so)."""
+    says so). ``secure``: summed with the secure-sum intrinsic (one bit per
+    client), for aggregations that must have no plaintext path."""
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -157,7 +158,8 @@ def zero_non_finite(inner):
                 zeroed, bad = tff.federated_map(zero_if_non_finite, value)
                 out = inner_process.next(state, zeroed)
                 measurements = tff.federated_zip(collections.OrderedDict(
-                    dp=out.measurements, non_finite_updates_zeroed=tff.federated_sum(bad)))
+                    dp=out.measurements, non_finite_updates_zeroed=(
+                        tff.federated_secure_sum_bitwidth(bad, 1) if secure else tff.federated_sum(bad))))
                 return tff.templates.MeasuredProcessOutput(state=out.state, result=out.result,
                                                            measurements=measurements)
 

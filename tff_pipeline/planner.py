@@ -173,8 +173,8 @@ def rederive(run_dir: str) -> dict[str, Any]:
     agree = (stated is None and not math.isfinite(eps)) or (
         stated is not None and math.isclose(stated, eps, rel_tol=1e-9))
     under_counted = None
-    if scheme == "fixed" and rep.get("differentially_private"):
-        # Reports written before the replace-one fix recorded z instead of z/2 (sensitivity 2C): recompute.
+    if scheme == "fixed" and rep.get("differentially_private") and rep.get("mechanism_name", "dp_fedavg") == "dp_fedavg":
+        # DP-FedAvg reports written before the replace-one fix recorded z instead of z/2 (sensitivity 2C): recompute.
         want = float(rep["noise_multiplier"]) / 2
         if not math.isclose(_gaussian_multiplier(event), want, rel_tol=1e-9):
             fixed = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(

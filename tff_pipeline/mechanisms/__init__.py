@@ -18,9 +18,10 @@ from tff_pipeline.mechanisms.base import (Mechanism, PrivacyConfigError, Resolve
 from tff_pipeline.mechanisms.dp_fedavg import (DPFedAvgAdaptive, calibrate_dp_fedavg, check_adaptive_clipping,
                                                check_calibrated)
 from tff_pipeline.mechanisms.dp_ftrl import DPFTRL
+from tff_pipeline.mechanisms.distributed_dp import DistributedDDG
 from tff_pipeline.mechanisms.dp_sgd import DPSGDInClient, DPSGDServerNoise
 
-REGISTRY = {m.name: m for m in (DPFedAvgAdaptive, DPSGDInClient, DPFTRL, DPSGDServerNoise)}
+REGISTRY = {m.name: m for m in (DPFedAvgAdaptive, DPSGDInClient, DPFTRL, DPSGDServerNoise, DistributedDDG)}
 NAMES = tuple(REGISTRY)
 
 
@@ -55,4 +56,4 @@ def from_json(info: dict[str, Any]) -> Mechanism:
 
 __all__ = ["Mechanism", "RoundPlan", "REGISTRY", "NAMES", "Resolved", "resolve", "from_json", "calibrate",
            "affordable_rounds", "event_to_json", "event_from_json", "PrivacyConfigError", "DPFedAvgAdaptive",
-           "DPSGDInClient", "DPSGDServerNoise", "DPFTRL"]
+           "DPSGDInClient", "DPSGDServerNoise", "DPFTRL", "DistributedDDG"]
