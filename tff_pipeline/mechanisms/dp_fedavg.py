@@ -247,8 +247,8 @@ class DPFedAvgAdaptive(Mechanism):
                            f"still trusts it to add the noise and keep it secret. This run simulated the secure sum "
                            f"with TFF's test backend (its arithmetic, not its cryptography, which needs a production "
                            f"backend)")
-        return text + (". The server that ran the rounds saw each sampled client's clipped update before adding the "
-                       "noise: the guarantee is about what it released, and trusts the server itself")
+        return text + (". The server sees each sampled client's clipped update before it adds the noise: the "
+                       "guarantee is about what the server releases, and trusts the server itself")
 
 
 def train_metrics(m: dict[str, float]) -> dict[str, float]:
