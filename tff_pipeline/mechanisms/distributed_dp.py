@@ -202,6 +202,7 @@ class DistributedDDG(Mechanism):
     def report_extras(self, entries) -> dict[str, Any]:
         return {"distributed_dp": {
             "noise": "distributed discrete Gaussian, one share per client", "bits": self.bits,
+            "modular_clip_probability": MODCLIP_PROB,
             "rotation": self.rotation, "l2_clip": self.l2_clip, "dim": self.dim, "padded_dim": self.padded_dim,
             "scale": self.scale, "l2_sensitivity_scaled": self.l2_bound, "client_noise_scale": self.noise_scale,
             "tau": self.tau, "event_noise_multiplier": self.event_noise_multiplier,
@@ -260,8 +261,10 @@ class DistributedDDG(Mechanism):
 
     def report_rows(self) -> list[tuple[str, Any]]:
         return [("Clip norm (fixed)", f"{self.l2_clip:g}"),
-                ("Secure sum", f"modulo 2^{self.bits}, {self.rotation} rotation, {self.padded_dim} padded coordinates "
-                               f"(simulated: TFF test backend; the cryptography needs a production backend)"),
+                ("Secure sum", f"modulo 2^{self.bits} (s chosen so that a coordinate of the noisy sum wraps around "
+                               f"with probability about {MODCLIP_PROB:g}), {self.rotation} rotation, {self.padded_dim} "
+                               f"padded coordinates (simulated: TFF test backend; the cryptography needs a production "
+                               f"backend)"),
                 ("Scale s; sensitivity of a rounded record Δ = s·C + √d", f"{self.scale:.6g}; {self.l2_bound:.6g}"),
                 ("Each client's discrete Gaussian scale σ", f"{self.noise_scale:g}"),
                 ("Noise multiplier given to the accountant z_eff = 1/(2Δ/(√m σ) + τ√d)",
