@@ -53,7 +53,7 @@ def test_the_accounting_reads_what_tffs_factory_runs():
 
     runtime.install_context()
     mech = DistributedDDG(10, 4, 2.0, 1e-5, 0.1, 20, "hd", 38)
-    process = mech.aggregator().create(tff.types.to_type([(np.float32, [37]), (np.float32, [1])]))
+    process = mech.sum_factory().create(tff.types.to_type([(np.float32, [37]), (np.float32, [1])]))
     tff.test.assert_contains_secure_aggregation(process.next)
     tff.test.assert_not_contains_unsecure_aggregation(process.next)
     rng = np.random.default_rng(0)
@@ -68,6 +68,22 @@ def test_the_accounting_reads_what_tffs_factory_runs():
     noise_sd = math.sqrt(4) * mech.noise_scale / mech.scale  # the sum's noise, unscaled
     resid = np.concatenate([np.ravel(x) for x in out.result]) - total
     assert np.abs(resid).max() < 6 * noise_sd and resid.std() > 0.5 * noise_sd  # the clipped sum, and the noise
+
+
+def test_the_process_averages_the_noisy_sum_over_the_cohort():
+    """The model update is the secure noisy sum divided by the securely counted cohort (an unweighted mean), as
+    TFF's ddp_secure_aggregator builds it: with 4 identical clients and no noise, their common clipped update."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import runtime
+
+    runtime.install_context()
+    mech = DistributedDDG(10, 4, 0.0, 1e-5, 10.0, 20, "hd", 38)
+    process = mech.aggregator().create(tff.types.to_type([(np.float32, [37]), (np.float32, [1])]))
+    tff.test.assert_not_contains_unsecure_aggregation(process.next)
+    value = [np.linspace(-1, 1, 37).astype(np.float32), np.array([0.5], np.float32)]
+    out = process.next(process.initialize(), [value] * 4)
+    np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in out.result]), np.concatenate(value), atol=1e-4)
 
 
 def test_a_distributed_dp_run_reports_its_accounting(tmp_path):

@@ -217,9 +217,18 @@ class DistributedDDG(Mechanism):
 
     # --- TFF ---
     def aggregator(self):
-        """TFF's DistributedDpSumFactory with a fixed clip. TFF 0.87 exports only ``tff.learning.
-        ddp_secure_aggregator``, which adapts the clip with noise the server adds; the factory itself is in
+        """The mean of the clients' updates as TFF's ``ddp_secure_aggregator`` builds it (an unweighted mean whose
+        sum is the distributed-DP secure sum and whose count is a secure 1-bit sum), with a fixed clip: that exported
+        function adapts the clip with noise the server adds. The sum factory is in
         ``tensorflow_federated.python.aggregators.distributed_dp`` (pinned version)."""
+        import tensorflow_federated as tff
+
+        return tff.aggregators.UnweightedMeanFactory(
+            value_sum_factory=self.sum_factory(),
+            count_sum_factory=tff.aggregators.SecureSumFactory(upper_bound_threshold=1, lower_bound_threshold=0))
+
+    def sum_factory(self):
+        """TFF's DistributedDpSumFactory (distributed discrete Gaussian, fixed clip, unconditional rounding)."""
         from tensorflow_federated.python.aggregators import distributed_dp
 
         return distributed_dp.DistributedDpSumFactory(
