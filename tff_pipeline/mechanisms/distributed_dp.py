@@ -185,7 +185,9 @@ class DistributedDDG(Mechanism):
             return cls(task.population, p.clients_per_round, z, p.delta, p.ddp_clip, p.ddp_bits, p.ddp_rotation, dim)
 
         z, calib = calibrated(make, cfg)
-        return Resolved(make(z), calib)
+        mech = make(z)
+        check_python_protobuf()  # here, before a run directory is touched, not when the process is built
+        return Resolved(mech, calib)
 
     population_sets: ClassVar[str] = "the sampling rate q (not used by the accounting, which claims no amplification)"
     sampling_randomness: ClassVar[Optional[str]] = ("not relied on (no amplification by sampling claimed); the noise "
@@ -237,13 +239,6 @@ class DistributedDDG(Mechanism):
             mechanism="distributed_dgauss", rotation_type=self.rotation, auto_l2_clip=False)
 
     def build_process(self, task, cfg):
-        from google.protobuf.internal import api_implementation
-
-        if api_implementation.Type() != "python":
-            raise PrivacyConfigError(
-                "--mechanism=distributed_dp needs PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in the environment: "
-                "TFF 0.87's distributed-DP computation nests deeper than the default protobuf parser accepts "
-                "(scripts/train.py sets it itself)")
         import tensorflow_federated as tff
 
         from tff_pipeline import dp_fedavg
@@ -295,6 +290,18 @@ class DistributedDDG(Mechanism):
     def statement_tail(self, r: dict[str, Any]) -> str:
         rho = r.get("zcdp_rho")
         return "" if rho is None else f"; as zero-concentrated DP, ρ = {rho:.4g}"
+
+
+def check_python_protobuf() -> None:
+    """TFF 0.87 builds this mechanism's learning process deeper than protobuf's default (upb) parser accepts;
+    scripts/train.py and scripts/frontier.py re-run themselves with the pure-Python one (cli.reexec_with_python_protobuf)."""
+    from google.protobuf.internal import api_implementation
+
+    if api_implementation.Type() != "python":
+        raise PrivacyConfigError(
+            "--mechanism=distributed_dp needs PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in the environment: "
+            "TFF 0.87's distributed-DP computation nests deeper than the default protobuf parser accepts "
+            "(scripts/train.py sets it itself)")
 
 
 def trained_coordinates(task, cfg) -> int:
