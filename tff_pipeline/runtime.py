@@ -160,7 +160,7 @@ def _no_worker(address: str, why: str):
                        f"(README, 'Remote workers') or fix the address")
 
 
-_installed: Optional[tuple[str, ...]] = None
+_installed: Optional[tuple] = None  # () for the local worker, else (workers, tls) of the installed context
 
 
 def install_context(workers: Sequence[str] = (), tls=None) -> int:
@@ -173,7 +173,8 @@ def install_context(workers: Sequence[str] = (), tls=None) -> int:
     aggregation on each, merges the sums and runs the rest once."""
     global _installed
     workers = tuple(workers)
-    if _installed == workers:
+    key = (workers, tls) if workers else ()
+    if _installed == key:
         return max(1, len(workers))
     from tensorflow_federated.python.core.backends.native import compiler
     from tensorflow_federated.python.core.backends.native import execution_contexts
@@ -202,7 +203,7 @@ def install_context(workers: Sequence[str] = (), tls=None) -> int:
         context = sync_execution_context.SyncExecutionContext(executor_fn=_executor_factory(f"localhost:{port}", 60),
                                                               **args)
     context_stack_impl.context_stack.set_default_context(context)
-    _installed = workers
+    _installed = key
     return max(1, len(workers))
 
 
