@@ -7,7 +7,8 @@ and the central ceiling. Takes every flag of scripts/train.py.
 
 Writes frontier.csv, frontier_summary.csv, frontier.md, frontier.png and
 frontier.json in --output_dir (default runs/frontier-<task>), and one run
-directory per point beside them (a finished point is read, not retrained).
+directory per point beside them (a finished point is read, not retrained),
+whose operator/privacy_report.html then shows the frontier too.
 """
 
 import datetime
@@ -65,6 +66,7 @@ def main(argv):
     meta = {"task": cfg.task, "date": datetime.date.today().isoformat(), "commit": _commit(), "seeds": len(seeds),
             "epsilons": FLAGS.epsilons, "central_epochs": FLAGS.central_epochs, "ceiling": ceiling}
     paths = frontier.write(base, rows, summary, lines, headline, metrics, meta)
+    frontier.write_point_pages(base, rows)
     print()
     print(open(paths[2]).read())
     for p in paths:

@@ -46,7 +46,9 @@ flags.DEFINE_integer("batch_size", None, "Expected DP-SGD batch size (unit=examp
 flags.DEFINE_integer("local_steps", None, "DP-SGD steps per client per round (unit=example).")
 flags.DEFINE_string("run_dir", None, "Re-derive ε of this training run from its recorded DpEvent.")
 flags.DEFINE_enum("format", "text", ["text", "json", "markdown"], "Output format on stdout.")
-flags.DEFINE_string("output_dir", None, "Also write privacy_report.json/.md (and a plan's ε-over-rounds plot, privacy_report.png) here.")
+flags.DEFINE_string("output_dir", None, "Also write privacy_report.json/.md/.html (and a plan's ε-over-rounds plot, "
+                    "privacy_report.png) here, with the operator copy of the HTML page in operator/ (with --run_dir, "
+                    "it shows that run's operator-only files).")
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +67,9 @@ def main(argv):
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         report.write(FLAGS.output_dir, rep)
         planner.plot_curve(rep, FLAGS.output_dir)
+        from tff_pipeline import html_report
+
+        html_report.write_pages(FLAGS.output_dir, rep, source_dir=FLAGS.run_dir)
     if FLAGS.format == "json":
         print(json.dumps(rep, indent=2))
     elif FLAGS.format == "markdown":

@@ -40,9 +40,12 @@ def local_dataset(x, y, client: int, round_seed: int, cfg) -> tf.data.Dataset:
 
 def batched_outputs(model: tf.keras.Model, x, batch: int):
     """(start, model outputs) for each batch of ``x``, through one traced inference function."""
+    from tff_pipeline import progress
+
     infer = models.inference_fn(model)
     for start in range(0, len(x), batch):
         yield start, infer(x[start : start + batch])
+        progress.report(min(start + batch, len(x)), len(x), "examples")
 
 
 def update_metrics(model: tf.keras.Model, metrics: list, x, y, batch: int) -> dict[str, float]:

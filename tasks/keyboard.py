@@ -375,6 +375,15 @@ def evaluate(data: "_Data", model: tf.keras.Model) -> Evaluation:
     return Evaluation(out)
 
 
+def device_examples(data: "_Data", n: int) -> tuple[list[dict], np.ndarray]:
+    """``n`` held-out windows of seen users (evenly spaced over the test set) as on-device calls
+    ({"token_ids": [1, seq_len]}), and the word after each window's last token (its label)."""
+    x, y = data.test
+    idx = np.linspace(0, len(x) - 1, min(n, len(x))).astype(int)
+    last = np.maximum((x[idx] != PAD).sum(1) - 1, 0)
+    return [{"token_ids": x[i : i + 1].astype(np.int32)} for i in idx], y[idx, last]
+
+
 def _client_loss(model, x, y) -> float:
     return update_metrics(model, [models.MaskedTokenLoss(PAD, name="token_loss")], x, y, EVAL_BATCH)["token_loss"]
 
@@ -446,6 +455,8 @@ def build(cfg) -> Task:
         metrics=metrics,
         evaluate=functools.partial(evaluate, data),
         export=lambda model, path: export_lm(servable(model, build_model), data.vocab, seq_len, path),
+        serving_module=lambda model: serving_module(servable(model, build_model), data.vocab, seq_len),
+        device_examples=functools.partial(device_examples, data),
         summary=data.summary,
         privacy_unit="one speaking role of one play (a user of the keyboard): all of that user's text",
         headline_metric="test_top1_accuracy",
@@ -459,10 +470,16 @@ def build(cfg) -> Task:
 
 
 def export_lm(model: tf.keras.Model, vocab: list[str], seq_len: int, path: str) -> None:
-    """SavedModel with ``serving_default``: ``token_ids`` int32 [batch, time]
-    (right-padded with 0; the last ``seq_len`` tokens of each row are used)
-    -> ``next_word_probabilities`` [batch, vocab] for the word after the last
-    token. The vocabulary (line i = id i) is the asset ``vocab.txt``."""
+    """SavedModel with ``serving_default`` (see ``serving_module``). The vocabulary (line i = id i) is the asset
+    ``vocab.txt``."""
+    save_serving(serving_module(model, vocab, seq_len), path)
+
+
+def serving_module(model: tf.keras.Model, vocab: list[str], seq_len: int) -> tf.Module:
+    """``serve``: ``token_ids`` int32 [batch, time] (right-padded with 0; the last ``seq_len`` tokens of each row
+    are used) -> ``next_word_probabilities`` [batch, vocab] for the word after the last token.
+    ``serve_on_device`` (TensorFlow Lite, a phone keyboard's call): ``token_ids`` int32 [1, seq_len], the same
+    right-padded window -> the same ``next_word_probabilities`` and ``top3_ids`` [1, 3], the three suggestions."""
     import os
     import tempfile
 
@@ -471,21 +488,29 @@ def export_lm(model: tf.keras.Model, vocab: list[str], seq_len: int, path: str) 
     with open(vocab_file, "w", encoding="utf-8") as f:
         f.write("\n".join(vocab) + "\n")
 
+    def next_word(token_ids):
+        lengths = tf.reduce_sum(tf.cast(token_ids != PAD, tf.int32), axis=1)
+        padded = tf.pad(token_ids, [[0, 0], [0, seq_len]])
+        start = tf.maximum(lengths - seq_len, 0)
+        window = tf.gather(padded, start[:, None] + tf.range(seq_len)[None], batch_dims=1)
+        logits = model(window, training=False)
+        last = tf.maximum(tf.minimum(lengths, seq_len) - 1, 0)
+        return tf.nn.softmax(tf.gather(logits, last, batch_dims=1), axis=-1)
+
     class LanguageModel(tf.Module):
         def __init__(self):
             super().__init__()
             self.model = model
             self.vocabulary = tf.saved_model.Asset(vocab_file)
+            self.vocabulary_file = vocab_file
 
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="token_ids")])
         def serve(self, token_ids):
-            lengths = tf.reduce_sum(tf.cast(token_ids != PAD, tf.int32), axis=1)
-            padded = tf.pad(token_ids, [[0, 0], [0, seq_len]])
-            start = tf.maximum(lengths - seq_len, 0)
-            window = tf.gather(padded, start[:, None] + tf.range(seq_len)[None], batch_dims=1)
-            logits = self.model(window, training=False)
-            last = tf.maximum(tf.minimum(lengths, seq_len) - 1, 0)
-            probs = tf.nn.softmax(tf.gather(logits, last, batch_dims=1), axis=-1)
-            return {"next_word_probabilities": probs}
+            return {"next_word_probabilities": next_word(token_ids)}
 
-    save_serving(LanguageModel(), path)
+        @tf.function(input_signature=[tf.TensorSpec([1, seq_len], tf.int32, name="token_ids")])
+        def serve_on_device(self, token_ids):
+            probs = next_word(token_ids)
+            return {"next_word_probabilities": probs, "top3_ids": tf.math.top_k(probs, 3).indices}
+
+    return LanguageModel()

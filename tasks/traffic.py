@@ -416,6 +416,19 @@ class _Sensors:
         week = self.series[i][tidx - season] if H >= season else np.full((len(st), K), np.nan)
         return persistence, week
 
+    def device_examples(self, n: int) -> tuple[list[dict], None]:
+        """``n`` held-out windows (evenly spaced over every sensor's test windows) as on-device calls in original
+        units: {"history", "hour_of_day", "day_of_week"}, each [1, history]."""
+        hours = (self.index.hour + self.index.minute / 60.0).to_numpy(np.float32)
+        dow = self.index.dayofweek.to_numpy(np.int32)
+        pairs = [(c, s) for c, starts in enumerate(self.test_starts) for s in starts]
+        out = []
+        for i in np.linspace(0, len(pairs) - 1, min(n, len(pairs))).astype(int):
+            c, s = pairs[i]
+            out.append({"history": self.series[c][s : s + self.H].astype(np.float32)[None],
+                        "hour_of_day": hours[s : s + self.H][None], "day_of_week": dow[s : s + self.H][None]})
+        return out, None
+
     def evaluate(self, model) -> Evaluation:
         by_client, allp, allt = {}, [], []
         for i, name in enumerate(self.names):
@@ -525,6 +538,7 @@ def build(cfg) -> Task:
         build_model=lambda: forecaster(H, K, ts.model_dim, ts.heads, ts.layers, ts.ff_dim, ts.patch_len, d.season),
         loss=lambda: tf.keras.losses.MeanAbsoluteError(), metrics=lambda: [tf.keras.metrics.MeanSquaredError(name="mse")],
         evaluate=d.evaluate, export=lambda model, path: export_forecaster(model, H, K, path),
+        serving_module=lambda model: serving_module(model, H, K), device_examples=d.device_examples,
         summary=d.summary(info, repairs), privacy_unit="one sensor site: its whole series",
         headline_metric="test_h1_mae", client_names=tuple(d.names), default_privacy_unit=DEFAULT_PRIVACY_UNIT,
         tuning=tuning_text(d),
@@ -586,7 +600,12 @@ def fit_ridge(series, tfeat, train_starts, history: int, horizon: int, alpha: fl
 
 
 def export_forecaster(model: tf.keras.Model, history: int, horizon: int, path: str) -> None:
-    """SavedModel ``serving_default``: ``history`` float32 [batch, history]
+    """SavedModel with ``serving_default`` (see ``serving_module``)."""
+    save_serving(serving_module(model, history, horizon), path)
+
+
+def serving_module(model: tf.keras.Model, history: int, horizon: int) -> tf.Module:
+    """The module behind the SavedModel's ``serving_default`` (``serve``): ``history`` float32 [batch, history]
     (original units, NaN = missing), ``hour_of_day`` float32 [batch, history]
     and ``day_of_week`` int32 [batch, history] (0 = Monday) of each history
     step -> ``forecast`` float32 [batch, horizon] in original units."""
@@ -613,4 +632,4 @@ def export_forecaster(model: tf.keras.Model, history: int, horizon: int, path: s
                           tf.sin(2 * np.pi * dow / 7), tf.cos(2 * np.pi * dow / 7)], axis=-1)
             return {"forecast": self.model(x, training=False) * sd + mu}
 
-    save_serving(Forecaster(), path)
+    return Forecaster()

@@ -25,7 +25,8 @@ def test_outputs_exist(trained_run):
         assert os.path.exists(os.path.join(d, f)), f
     # Released files and operator-only files are apart: only the expected names outside operator/.
     assert sorted(os.listdir(d)) == sorted(["config.json", "privacy_report.json", "privacy_report.md", "ledger.jsonl",
-                                            "final_weights.h5", "saved_model", "checkpoints", "operator", ".lock"])
+                                            "privacy_report.html", "final_weights.h5", "saved_model", "model.tflite",
+                                            "vocab.txt", "checkpoints", "operator", ".lock"])
     cfg = load_json(os.path.join(d, "config.json"))
     assert cfg["config"]["rounds"] == 3 and cfg["config"]["noise_multiplier"] is None
     assert cfg["config"]["target_epsilon"] == 3 and cfg["noise_calibration"]["task_default"]  # private by default

@@ -215,4 +215,7 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
         rep["releases"]["not_covered"].append(train.AUDIT_NOT_COVERED)
         rep["not_covered"].insert(len(rep["releases"]["not_covered"]) - 1, train.AUDIT_NOT_COVERED)
     report.write(run_dir, rep)
+    from tff_pipeline import html_report
+
+    html_report.write_pages(run_dir, rep)  # the operator copy now shows the audit
     return a

@@ -13,12 +13,14 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import signal
 import time
 from typing import Optional
 
+from tff_pipeline import progress
 from tff_pipeline.io import atomic_write_text
 from tff_pipeline.rundir import OPERATOR_DIR, operator_path, release_notes
 
@@ -57,13 +59,15 @@ class Evaluate(Callback):
     def after_round(self, run, r: RoundResult) -> None:
         if r.round_num % run.cfg.eval_every == 0 or r.round_num == run.cfg.rounds or run.stop.signal:
             run.sync_keras_model()
-            run.last_eval = run.task.evaluate(run.keras_model)
+            with progress.phase(f"evaluating on held-out data after round {r.round_num}"):
+                run.last_eval = run.task.evaluate(run.keras_model)
             r.eval, r.eval_by_client = run.last_eval.overall, run.last_eval.by_client
 
     def on_train_end(self, run) -> None:
         run.sync_keras_model()
         if run.last_eval is None or run.rounds_run % run.cfg.eval_every:
-            run.last_eval = run.task.evaluate(run.keras_model)
+            with progress.phase("evaluating the final model on held-out data"):
+                run.last_eval = run.task.evaluate(run.keras_model)
 
 
 class Checkpointing(Callback):
@@ -114,7 +118,8 @@ class Export(Callback):
         tmp_dir, old_dir = export_dir + ".tmp", export_dir + ".old.tmp"
         shutil.rmtree(tmp_dir, ignore_errors=True)
         run.log("exporting the SavedModel ...")
-        run.task.export(model, tmp_dir)
+        with progress.phase("exporting the SavedModel"):
+            run.task.export(model, tmp_dir)
         if os.path.exists(export_dir):
             os.replace(export_dir, old_dir)
         os.replace(tmp_dir, export_dir)
@@ -122,6 +127,55 @@ class Export(Callback):
         weights_tmp = os.path.join(out, ".tmp-final_weights.h5")
         model.save_weights(weights_tmp)
         os.replace(weights_tmp, os.path.join(out, "final_weights.h5"))
+
+
+class TfliteExport(Callback):
+    """model.tflite (--tflite=float16 or int8; none skips it) beside the SavedModel, and for the keyboard its
+    vocabulary as vocab.txt; operator/tflite.json: its size, the median time of one call on this CPU and its
+    agreement with the SavedModel's function on held-out examples (operator-only: computed on held-out data).
+    A task whose serving ops TensorFlow Lite lacks gets one line naming them instead."""
+
+    EXAMPLES = 500
+
+    def on_train_end(self, run) -> None:
+        from tff_pipeline import tflite
+
+        q, task = run.cfg.tflite, run.task
+        path = os.path.join(run.out, "model.tflite")
+        if q == "none" or task.serving_module is None:
+            return
+        run.log(f"exporting model.tflite ({q} weights) ...")
+        with progress.phase(f"exporting model.tflite ({q})"):
+            module = task.serving_module(run.keras_model)
+            try:
+                blob = tflite.convert(module, q)
+            except tflite.Unsupported as e:
+                run.tflite = {"exported": False, "why": str(e)}
+                run.log(f"model.tflite: not exported for the {task.name} task: {e}")
+                return
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+        vocab = getattr(module, "vocabulary_file", None)
+        if vocab:
+            shutil.copyfile(vocab, os.path.join(run.out, ".tmp-vocab.txt"))
+            os.replace(os.path.join(run.out, ".tmp-vocab.txt"), os.path.join(run.out, "vocab.txt"))
+        with progress.phase("checking model.tflite against the SavedModel"):
+            examples, labels = task.device_examples(self.EXAMPLES) if task.device_examples else (None, None)
+            res = tflite.check(blob, module, examples, labels)
+        run.tflite = {"exported": True, "quantization": q, **res}
+        atomic_write_text(operator_path(run.out, "tflite.json"), json.dumps(run.tflite, indent=2) + "\n")
+        line = (f"model.tflite: {res['bytes'] / 1e6:.2f} MB ({q}), {res['seconds_per_call_median'] * 1e3:.2f} ms "
+                f"per call on this CPU")
+        if "top3_agreement" in res:
+            line += (f"; top-3 suggestions agree with the SavedModel on {res['top3_agreement']:.1%} of "
+                     f"{res['calls_compared']} held-out calls (top-1 {res['top1_agreement']:.1%})")
+        elif res["max_abs_difference"]:
+            line += (f"; largest difference from the SavedModel over {res['calls_compared']} "
+                     f"{'held-out' if examples else 'neutral'} call(s): "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in res["max_abs_difference"].items()))
+        run.log(line)
 
 
 class Report(Callback):
@@ -149,8 +203,9 @@ class Report(Callback):
             from tff_pipeline import audit
 
             run.log("auditing: membership inference" + (" and canary exposure" if run.cfg.canaries else "") + " ...")
-            run.audit_result = audit.run(run.task, run.keras_model, run.participation.clients(), run.cfg.seed,
-                                         mech.delta, rep["epsilon"])
+            with progress.phase("auditing"):
+                run.audit_result = audit.run(run.task, run.keras_model, run.participation.clients(), run.cfg.seed,
+                                             mech.delta, rep["epsilon"])
             atomic_write_text(operator_path(run.out, "audit.json"), json.dumps(run.audit_result, indent=2) + "\n")
             rep["empirical_audit"] = audit.POINTER
         report.write(run.out, rep)
@@ -170,7 +225,8 @@ class Summary(Callback):
             "baselines": {k: v for k, v in run.task.summary.items() if k.startswith("baselines")},
             "public_pretraining": run.pretrain, "seconds_total": time.monotonic() - run.t_start,
             "seconds_training": run.train_seconds,
-            "seconds_per_round": run.train_seconds / max(run.rounds_run - run.first_round + 1, 1)}
+            "seconds_per_round": run.train_seconds / max(run.rounds_run - run.first_round + 1, 1),
+            "tflite": run.tflite}
         if a:
             mi = a["membership_inference"]
             summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
@@ -179,6 +235,10 @@ class Summary(Callback):
         if run.stop.signal:
             summary["interrupted"] = True
         atomic_write_text(operator_path(run.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        from tff_pipeline import html_report
+
+        with progress.phase("writing privacy_report.html"):  # after summary.json: the operator page shows it
+            html_report.write_pages(run.out, rep)
         self.print(run, rep, summary)
 
     def print(self, run, rep, summary) -> None:
@@ -205,8 +265,12 @@ class Summary(Callback):
             log(f"audit: membership inference AUC {mi['auc']:.4f}, advantage {mi['advantage']:.4f}, ε lower bound "
                 f"{mi['epsilon_lower_bound']:.4f} (accountant ε {acc_eps})"
                 + (f"; canary exposure {a['canary_exposure_mean']:.2f} bits" if a.get("canaries") else ""))
-        log(f"privacy report: {os.path.join(out, 'privacy_report.md')}")
+        log(f"privacy report: {os.path.join(out, 'privacy_report.md')} and .html (operator copy with the "
+            f"operator-only plots: {operator_path(out, 'privacy_report.html')})")
         log(f"SavedModel:     {os.path.join(out, 'saved_model')}")
+        if (getattr(run, "tflite", None) or {}).get("exported"):
+            log(f"TFLite:         {os.path.join(out, 'model.tflite')}")
+        log(f"TensorBoard:    tensorboard --logdir {operator_path(out, TensorBoardEvents.DIR)} (operator-only)")
         log(f"metrics:        {run.metrics_csv.path} (operator-only, like everything in "
             f"{os.path.join(out, OPERATOR_DIR)})")
         log(f"wall time {summary['seconds_total']:.1f} s, {summary['seconds_per_round']:.2f} s/round")
@@ -296,7 +360,7 @@ class Progress(Callback):
         recent = self.round_times[-10:]
         eta = (self.total - r.round_num) * (sum(recent) / len(recent))
         eps = "∞ (no DP)" if r.epsilon is None else f"{r.epsilon:.3f}"
-        line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {_fmt_secs(eta)} | "
+        line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {progress.fmt_secs(eta)} | "
                 f"clients {r.cohort_size:>3} | loss {r.train.get('loss', float('nan')):.4f} | "
                 f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ε {eps}")
         if r.train.get("expected_noise_norm"):  # the noise this round against the signal it carried
@@ -307,8 +371,88 @@ class Progress(Callback):
         run.log(line)
 
 
-def _fmt_secs(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+class TensorBoardEvents(Callback):
+    """``operator/tensorboard/``: tf.summary events of the run, for ``tensorboard --logdir`` (``make tensorboard``).
+
+    Step = round (0 = after public pre-training). Per round: the training metrics (``train/``), ε spent
+    (``privacy/epsilon_rdp``; ``privacy/epsilon_pld`` at evaluation rounds and the last round, where the mechanism
+    has a PLD accountant: composing a PLD costs about 2 s, too much for every round), the clip norm, the cohort
+    size, the noise-to-signal ratio of the aggregate where the mechanism measures it, seconds (``round/``); the
+    held-out metrics when evaluated (``eval/``); the public pre-training curve (``pretrain/loss`` per epoch); the
+    config as text. Operator-only, like metrics.csv: training metrics and held-out metrics are computed from the
+    clients' data without noise. A resumed run first drops the events of rounds after its checkpoint (they are
+    trained again), so each step has one value.
+    """
+
+    DIR = "tensorboard"
+
+    def __init__(self):
+        self.writer = None
+
+    def on_train_begin(self, run) -> None:
+        import tensorflow as tf
+
+        logdir = operator_path(run.out, self.DIR)
+        if run.first_round > 1:
+            _truncate_events(logdir, run.first_round - 1)
+        elif os.path.isdir(logdir):  # a new run in this directory (--overwrite removed operator/ already)
+            shutil.rmtree(logdir)
+        self.writer = tf.summary.create_file_writer(logdir)
+        with self.writer.as_default():
+            if run.first_round == 1:
+                text = json.dumps({"config": run.cfg.to_json(), "mechanism": run.mech.name,
+                                   "noise_multiplier": getattr(run.mech, "noise_multiplier", None)}, indent=2, default=str)
+                tf.summary.text("config", "```\n" + text + "\n```", step=0)
+                for i, loss in enumerate((run.pretrain or {}).get("loss_per_epoch", ()), start=1):
+                    tf.summary.scalar("pretrain/loss", loss, step=i)
+        self.writer.flush()
+
+    def after_round(self, run, r: RoundResult) -> None:
+        import tensorflow as tf
+
+        s = {f"train/{k}": v for k, v in r.train.items()}
+        s.update({f"eval/{k}": v for k, v in r.eval.items() if isinstance(v, (int, float))})
+        if r.round_num > 0:
+            s.update({"round/clip_norm": r.clip, "round/cohort_size": r.cohort_size, "round/seconds": r.seconds})
+            if r.train.get("expected_noise_norm") and r.train.get("signal_norm_estimate"):
+                s["round/noise_to_signal"] = r.train["expected_noise_norm"] / r.train["signal_norm_estimate"]
+        if r.epsilon is not None:
+            s["privacy/epsilon_rdp"] = r.epsilon
+            if r.round_num > 0 and (r.eval or r.round_num == run.cfg.rounds):
+                pld = run.mech.pld_epsilon(run.mech.compose(run.ledger.entries), run.mech.delta)
+                if pld is not None:
+                    s["privacy/epsilon_pld"] = pld
+        with self.writer.as_default():
+            for k, v in s.items():
+                if v is not None and math.isfinite(float(v)):
+                    tf.summary.scalar(k, float(v), step=r.round_num)
+        self.writer.flush()
+
+    def on_train_end(self, run) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_events(logdir: str, last_round: int) -> None:
+    """Rewrites the event files under ``logdir`` without the values of steps after ``last_round`` (rounds lost
+    in a crash or a stop after the checkpoint, trained again on resume)."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    if not os.path.isdir(logdir):
+        return
+    for name in sorted(os.listdir(logdir)):
+        path = os.path.join(logdir, name)
+        if "tfevents" not in name or name.endswith(".tmp"):
+            continue
+        kept = []
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            ev = event_pb2.Event.FromString(raw)
+            if not ev.HasField("summary") or ev.step <= last_round:
+                kept.append(raw)
+        with tf.io.TFRecordWriter(path + ".tmp") as w:
+            for raw in kept:
+                w.write(raw)
+        os.replace(path + ".tmp", path)

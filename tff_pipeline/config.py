@@ -183,6 +183,8 @@ class TrainConfig:
                             "runs.")
     canary_clients: int = setting(1, "Clients that hold each canary.")
     canary_repeats: int = setting(10, "Copies of the canary in each of those clients' training data.")
+    tflite: str = setting("float16", "Also export model.tflite for TensorFlow Lite (phones): float16 weights, int8 "
+                          "(dynamic-range quantisation: int8 weights, float activations) or none.", resumable=True)
     # Durability.
     eval_every: int = setting(10, "Evaluate on held-out data every N rounds.", resumable=True)
     checkpoint_every: int = setting(10, "Checkpoint the full training state every N rounds (also at the end and on "
@@ -218,6 +220,7 @@ class TrainConfig:
              f"--server_optimizer={self.server_optimizer!r} must be adam or sgdm")
         need(self.public_pretrain_epochs >= 0,
              f"--public_pretrain_epochs={self.public_pretrain_epochs} must be >= 0 (0 = no pre-training)")
+        need(self.tflite in ("float16", "int8", "none"), f"--tflite={self.tflite!r} must be float16, int8 or none")
         need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
         need_positive_ints(self, ("canary_clients", "canary_repeats", "batch_size", "local_epochs",
                                   "max_client_examples", "eval_every", "checkpoint_every", "keep_checkpoints"))

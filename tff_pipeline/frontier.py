@@ -208,6 +208,15 @@ def write(base: str, rows: list[dict], summary: list[dict], lines: dict[str, flo
     return paths
 
 
+def write_point_pages(base: str, rows: list[dict]) -> None:
+    """Rewrites each point's HTML privacy report, whose operator copy now shows the frontier."""
+    from tff_pipeline import html_report
+
+    for r in rows:
+        with open(os.path.join(r["run_dir"], "privacy_report.json")) as f:
+            html_report.write_pages(r["run_dir"], json.load(f), frontier_dir=base)
+
+
 def _write_csv(path: str, cols: list[str], rows: list[dict]) -> None:
     import io
 
@@ -219,20 +228,30 @@ def _write_csv(path: str, cols: list[str], rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def markdown(summary: list[dict], lines: dict[str, float], headline: str, metrics: list[str],
-             meta: dict[str, Any]) -> str:
+def table(summary: list[dict], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-ε table as (header, rows of formatted cells): for frontier.md and the operator's HTML report."""
     head = ["target ε", "ε (RDP)", "ε (PLD)", "z", "rounds", "clients/round", *metrics, "wall s"]
-    out = [f"Frontier of {meta.get('task')} ({meta.get('date')}, commit {meta.get('commit')}); mean over "
-           f"{meta.get('seeds')} seed(s), [min, max] beside each metric.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v, fmt="{:.4g}"):
+        return "—" if v is None else ("∞" if isinstance(v, float) and math.isinf(v) else fmt.format(v))
+
+    rows = []
     for s in summary:
-        def f(v, fmt="{:.4g}"):
-            return "—" if v is None else ("∞" if isinstance(v, float) and math.isinf(v) else fmt.format(v))
         cells = [f(s["target_epsilon"], "{:g}"), f(s["epsilon_rdp"]), f(s["epsilon_pld"]),
                  f(s["noise_multiplier"]), f(s["rounds"], "{:.0f}"), f(s["clients_per_round"], "{:.0f}")]
         cells += [f"{f(s[m])} [{f(s[m + '_min'])}, {f(s[m + '_max'])}]" for m in metrics]
         cells.append(f(s["wall_s"], "{:.0f}"))
-        out.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return head, rows
+
+
+def markdown(summary: list[dict], lines: dict[str, float], headline: str, metrics: list[str],
+             meta: dict[str, Any]) -> str:
+    head, rows = table(summary, metrics)
+    out = [f"Frontier of {meta.get('task')} ({meta.get('date')}, commit {meta.get('commit')}); mean over "
+           f"{meta.get('seeds')} seed(s), [min, max] beside each metric.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
     out += ["", "Reference lines (" + headline + "): " + "; ".join(f"{k} {v:.4f}" for k, v in lines.items())]
     return "\n".join(out) + "\n"
 

@@ -1,4 +1,4 @@
-"""The privacy report: one JSON object and its Markdown rendering.
+"""The privacy report: one JSON object and its Markdown rendering (the HTML pages: tff_pipeline.html_report).
 
 Every number in it is re-derivable with dp_accounting from the recorded
 fields: ``recorded_event`` is the exact DpEvent composed for the rounds run.
@@ -231,7 +231,12 @@ def _fmt(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render_markdown(r: dict[str, Any]) -> str:
+EPSILON_LABEL = "ε (RDP accountant)"  # the row of the table that states ε (the HTML page tags it id="epsilon")
+
+
+def report_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The report's table as (label, value) rows: one list for the Markdown and the HTML renderings.
+    Values may hold Markdown emphasis (``**no**``)."""
     s = r["sampling"]
     eps = "∞ (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.4f}"
     example = r["unit_of_privacy"].startswith("example")
@@ -255,7 +260,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     rows += [tuple(x) for x in r.get("mechanism_rows", ())]
     rows += [
         ("δ", f"{r['delta']:g}"),
-        ("ε (RDP accountant)", eps),
+        (EPSILON_LABEL, eps),
         ("Best RDP order", r["rdp_order"]),
         ("ε (PLD accountant, cross-check)", "n/a" if r["epsilon_pld"] is None else f"{r['epsilon_pld']:.4f}"),
         ("zCDP ρ", f"{r['zcdp_rho']:.6g}" if r.get("zcdp_rho") is not None else f"n/a ({r.get('zcdp_note') or 'no DP'})"),
@@ -277,15 +282,33 @@ def render_markdown(r: dict[str, Any]) -> str:
                      + (" (the task's default: no noise flag was given)" if c.get("task_default") else "")))
     for k, v in (r.get("plan") or {}).items():
         rows.append((k, v))
+    return rows
+
+
+PER_CLIENT_HEAD = ("client", "examples", "q", "ε (RDP)")
+OTHER_DELTA_HEAD = ("δ", "ε (RDP)", "ε (PLD)")
+
+
+def per_client_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The per-client table (``PER_CLIENT_HEAD``); empty without per-client ε."""
+    return [(k, str(c["examples"]), f"{c['q']:.4g}", _fmt(c["epsilon"])) for k, c in (r.get("per_client") or {}).items()]
+
+
+def other_delta_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    """ε at other δ (``OTHER_DELTA_HEAD``); empty without DP."""
+    return [(d, _fmt(e["rdp"]), _fmt(e["pld"])) for d, e in (r.get("epsilon_at_other_delta") or {}).items()]
+
+
+def render_markdown(r: dict[str, Any]) -> str:
     out = ["# Privacy report", "", r["statement"], "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in rows]
+    out += [f"| {k} | {v} |" for k, v in report_rows(r)]
     if r.get("per_client"):
-        out += ["", "## Per client", "", f"ε above is {r['epsilon_is']}.", "", "| client | examples | q | ε (RDP) |",
+        out += ["", "## Per client", "", f"ε above is {r['epsilon_is']}.", "", "| " + " | ".join(PER_CLIENT_HEAD) + " |",
                 "|---|---|---|---|"]
-        out += [f"| {k} | {c['examples']} | {c['q']:.4g} | {_fmt(c['epsilon'])} |" for k, c in r["per_client"].items()]
+        out += ["| " + " | ".join(row) + " |" for row in per_client_rows(r)]
     if r["epsilon_at_other_delta"]:
-        out += ["", "## ε at other δ", "", "| δ | ε (RDP) | ε (PLD) |", "|---|---|---|"]
-        out += [f"| {d} | {_fmt(e['rdp'])} | {_fmt(e['pld'])} |" for d, e in r["epsilon_at_other_delta"].items()]
+        out += ["", "## ε at other δ", "", "| " + " | ".join(OTHER_DELTA_HEAD) + " |", "|---|---|---|"]
+        out += ["| " + " | ".join(row) + " |" for row in other_delta_rows(r)]
     out += _releases_section(r)
     if r.get("empirical_audit"):
         out += ["", "## Empirical audit", "", f"With --audit: {r['empirical_audit']}."]
@@ -293,14 +316,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _recompute_section(r: dict[str, Any]) -> list[str]:
-    """How to recompute ε from the recorded DpEvent with dp_accounting alone."""
-    out: list[str] = []
-    out += [
-        "",
-        "## Recompute it yourself",
-        "",
-        "```python",
+def recompute_code(r: dict[str, Any]) -> str:
+    """Python that recomputes ε from the recorded DpEvent with dp_accounting alone."""
+    return "\n".join([
         "import json, dp_accounting",
         "from dp_accounting.rdp import rdp_privacy_accountant as rdp",
         "from tff_pipeline.privacy import event_from_json",
@@ -308,16 +326,13 @@ def _recompute_section(r: dict[str, Any]) -> list[str]:
         "rel = dp_accounting.NeighboringRelation." + r.get("accountant_relation", "ADD_OR_REMOVE_ONE"),
         "acc = rdp.RdpAccountant(neighboring_relation=rel).compose(event_from_json(r['recorded_event']))",
         "print(acc.get_epsilon(r['delta']))",
-        "```",
-        "",
-        "Recorded DpEvent:",
-        "",
-        "```json",
-        json.dumps(r["recorded_event"], indent=2),
-        "```",
-        "",
-    ]
-    return out
+    ])
+
+
+def _recompute_section(r: dict[str, Any]) -> list[str]:
+    """How to recompute ε from the recorded DpEvent with dp_accounting alone."""
+    return ["", "## Recompute it yourself", "", "```python", recompute_code(r), "```", "", "Recorded DpEvent:", "",
+            "```json", json.dumps(r["recorded_event"], indent=2), "```", ""]
 
 
 def _releases_section(r: dict[str, Any]) -> list[str]:

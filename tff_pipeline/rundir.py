@@ -33,8 +33,9 @@ def operator_path(out: str, name: str) -> str:
 def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, Any]:
     """What the run directory holds, split into what the DP guarantee covers
     and the operator-only values computed from private data without noise."""
-    covered = ["saved_model/ and final_weights.h5: the trained model", *mech.released_by_mechanism,
-               "privacy_report.json/.md and ledger.jsonl: the settings, the recorded DpEvents and ε",
+    covered = ["saved_model/, final_weights.h5 and model.tflite (with the keyboard's vocab.txt, the same vocabulary "
+               "as the SavedModel's): the trained model", *mech.released_by_mechanism,
+               "privacy_report.json/.md/.html and ledger.jsonl: the settings, the recorded DpEvents and ε",
                "config.json: the settings, package versions and the command"]
     public = (f"Population sizes are treated as public: {mech.public_sizes(task.population)}. They appear in "
               f"config.json and this report.")
@@ -52,6 +53,12 @@ def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, A
         "operator/participation.jsonl: which clients took part in which round and attempt"
         + mech.participation_note(secret_sampling),
         mech.checkpoint_note,
+        "operator/tensorboard/: TensorBoard events of the values in operator/metrics.csv (training and held-out "
+        "metrics per round), the public pre-training loss and the settings.",
+        "operator/tflite.json: the TensorFlow Lite model's size and speed, and its agreement with the SavedModel on "
+        "held-out examples.",
+        "operator/privacy_report.html: the operator copy of this report, which adds the operator-only plots "
+        "(operator/training_curves.png), the held-out metrics, the audit results and the frontier, where present.",
     ]
     if task.client_names:
         not_covered.append("operator/heldout_by_client.csv: held-out metrics per client (per hospital or sensor), "
@@ -67,7 +74,8 @@ AUDIT_NOT_COVERED = ("operator/audit.json: attack scores computed on training an
                      "(the report only points to it).")
 
 
-RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "final_weights.h5", "ledger.jsonl",
+RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "privacy_report.html", "final_weights.h5",
+             "ledger.jsonl", "model.tflite", "vocab.txt",
              # written at the top level by versions before operator/: removed by --overwrite too
              "metrics.csv", "summary.json", "heldout_by_client.csv", "audit.json", "privacy_report.png")
 RUN_DIRS = ("saved_model", "checkpoints", OPERATOR_DIR)

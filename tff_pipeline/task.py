@@ -49,6 +49,10 @@ class Task:
       evaluate: Keras model -> Evaluation on the held-out sets: overall
         metrics and, for cross-silo tasks, a table of metrics per client.
       export: (Keras model, directory) -> writes a SavedModel there.
+      serving_module: optional Keras model -> the tf.Module that export saves (``serve``; ``serve_on_device``
+        when the on-device call differs), for the TensorFlow Lite export (tff_pipeline.tflite).
+      device_examples: optional n -> (n held-out inputs of the on-device call, their labels or None), for the
+        TensorFlow Lite export's agreement and latency check.
       summary: facts about the data for config.json and the report.
       privacy_unit: what one client is, in words, for the report.
       record_is: what one example (record) is, for example-level reports.
@@ -90,6 +94,8 @@ class Task:
     rows_per_record: int = 1
     adapter_rank: int = 0
     tuning: str = ""
+    serving_module: Any = None
+    device_examples: Any = None
 
     def __post_init__(self):
         if self.population < 1:

@@ -19,8 +19,9 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from tff_pipeline import progress
 from tff_pipeline.callbacks import (BudgetGuard, Callback, Checkpointing, Evaluate, Export, MetricsCsv, Progress,
-                                    Report, RoundResult, Summary)
+                                    Report, RoundResult, Summary, TensorBoardEvents, TfliteExport)
 from tff_pipeline.config import ConfigError, TrainConfig
 from tff_pipeline.io import atomic_write_text
 from tff_pipeline.rundir import (AUDIT_NOT_COVERED, OPERATOR_DIR, RUN_DIRS, RUN_FILES,  # noqa: F401 (re-exported)
@@ -69,6 +70,7 @@ class Run:
     stop: Any = None
     report: Optional[dict] = None
     audit_result: Optional[dict] = None
+    tflite: Optional[dict] = None  # TfliteExport's result
     summary: Optional[dict] = None
 
     @property
@@ -111,6 +113,11 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
     cfg.output_dir. An existing run there (one with a privacy ledger) is
     resumed from its last checkpoint, with every round it released counted."""
     t_start = time.monotonic()
+    with progress.Console(log, tty=log is _print and sys.stdout.isatty()) as console:
+        return _run_logged(cfg, overwrite, callbacks, console, t_start)
+
+
+def _run_logged(cfg: TrainConfig, overwrite: bool, callbacks, log, t_start: float) -> dict[str, Any]:
     import tasks
 
     tasks.check_name(cfg.task)
@@ -128,19 +135,19 @@ def run(cfg: TrainConfig, overwrite: bool = False, callbacks: tuple[Callback, ..
 def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[dict], stale: list[str],
          defaulted: bool = False) -> dict[str, Any]:
     run, ckpt = _setup(cfg, log, t_start, previous, stale, defaulted)
-    hooks = [Evaluate(), run.metrics_csv, Progress(cfg.rounds, run.task.headline_metric),
-             Checkpointing(ckpt[0] if ckpt else 0), BudgetGuard(), *callbacks]
+    rows = [run.metrics_csv, Progress(cfg.rounds, run.task.headline_metric), TensorBoardEvents()]
+    hooks = [Evaluate(), *rows, Checkpointing(ckpt[0] if ckpt else 0), BudgetGuard(), *callbacks]
     for h in hooks:
         h.on_train_begin(run)
     if run.pretrain is not None and not ckpt:  # row 0: after public pre-training, nothing private spent
         p = run.pretrain
         row = RoundResult(0, 0, p["seconds"], {"loss": p["loss"]}, None, 0.0 if run.mech.is_private else None,
                           p["eval"])
-        for h in hooks[1:3]:
+        for h in rows:
             h.after_round(run, row)
     _loop(run, hooks)
     log("evaluating, exporting and writing the privacy report ...")
-    for h in [*hooks, Export(), Report(), Summary()]:
+    for h in [*hooks, Export(), TfliteExport(), Report(), Summary()]:
         h.on_train_end(run)
     return run.summary
 
@@ -153,7 +160,8 @@ def _loop(run: Run, hooks: list) -> None:
         for r in range(run.first_round, run.cfg.rounds + 1):
             if stop.signal:
                 break
-            reason = _round(run, hooks, r)
+            with progress.phase(f"training round {r}"):
+                reason = _round(run, hooks, r)
             if reason:
                 run.stop_reason = reason
                 run.log(reason)
@@ -198,7 +206,8 @@ def _setup(cfg, log, t_start, previous, stale, defaulted) -> tuple[Run, Optional
 
     from tff_pipeline import checkpoint, mechanisms, runtime
 
-    task = tasks.build(cfg)
+    with progress.phase(f"loading the {cfg.task} data"):
+        task = tasks.build(cfg)
     unit = mechanisms.REGISTRY[mechanisms.name_for(cfg, task)].unit
     if cfg.audit and (task.audit is None or unit != "client"):  # a capability the task lacks: before anything
         raise ConfigError(f"--audit: task {task.name!r} has no membership-inference audit at the {unit} level "
@@ -275,11 +284,13 @@ def _start_training_state(run: Run, ckpt) -> None:
     from tff_pipeline import checkpoint, dp_fedavg, runtime
 
     cfg, task, mech = run.cfg, run.task, run.mech
-    run.num_workers = runtime.install_context(cfg.worker_addresses, cfg.workers_tls)
+    with progress.phase("starting the TFF worker" + ("s" if cfg.worker_addresses else "")):
+        run.num_workers = runtime.install_context(cfg.worker_addresses, cfg.workers_tls)
     dp_fedavg.set_frozen(task.build_model(), cfg.frozen_layers)  # checks --freeze_layers before the long build
     run.log(f"building the {mech.name} process ...")
-    run.process = mech.build_process(task, cfg)
-    run.state = run.process.initialize()
+    with progress.phase(f"building the {mech.name} process"):
+        run.process = mech.build_process(task, cfg)
+        run.state = run.process.initialize()
     tf.keras.utils.set_random_seed(cfg.seed)  # the start model comes from --seed
     run.keras_model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
     run.sampler = mech.sampler(cfg.privacy.public_sampling_seed)
@@ -298,7 +309,8 @@ def _start_training_state(run: Run, ckpt) -> None:
     # The start model is the Keras model built here from --seed (then pre-trained, if asked), not TFF's own
     # initialisation: the same seed gives the same start on one local worker or on several.
     if cfg.public_pretrain_epochs:
-        run.pretrain = pretrain_on_public_data(task, cfg, run.keras_model, run.log)
+        with progress.phase("pre-training on public data"):
+            run.pretrain = pretrain_on_public_data(task, cfg, run.keras_model, run.log)
     import tensorflow_federated as tff
 
     run.state = run.process.set_model_weights(run.state, tff.learning.models.ModelWeights.from_model(run.keras_model))
@@ -351,17 +363,28 @@ def pretrain_on_public_data(task, cfg: TrainConfig, keras_model, log) -> dict[st
     dp_fedavg.set_frozen(keras_model, (), phase="public")
     keras_model.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=task.loss())
 
+    epochs, steps = cfg.public_pretrain_epochs, -(-len(x) // 32)
+
     class EpochLog(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            progress.report(self.epoch * steps + batch + 1, epochs * steps, "batches",
+                            f"epoch {self.epoch + 1}/{epochs}, loss {logs['loss']:.4f}")
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
         def on_epoch_end(self, epoch, logs=None):
-            log(f"pre-training epoch {epoch + 1}/{cfg.public_pretrain_epochs}: loss {logs['loss']:.4f} "
+            log(f"pre-training epoch {epoch + 1}/{epochs}: loss {logs['loss']:.4f} "
                 f"({time.monotonic() - t0:.0f} s)")
 
     hist = keras_model.fit(x, y, batch_size=32, epochs=cfg.public_pretrain_epochs, verbose=0, shuffle=True,
                            callbacks=[EpochLog()])
     dp_fedavg.set_frozen(keras_model, cfg.frozen_layers)
-    ev = task.evaluate(keras_model).overall
+    with progress.phase("evaluating the pre-trained model on held-out data"):
+        ev = task.evaluate(keras_model).overall
     out = {"epochs": cfg.public_pretrain_epochs, "examples": int(len(x)), "source": task.public_data_source,
-           "loss": float(hist.history["loss"][-1]), "eval": ev, "seconds": time.monotonic() - t0}
+           "loss": float(hist.history["loss"][-1]), "loss_per_epoch": [float(v) for v in hist.history["loss"]],
+           "eval": ev, "seconds": time.monotonic() - t0}
     log(f"pre-trained on public data ({task.public_data_source}) for {cfg.public_pretrain_epochs} epochs in "
         f"{out['seconds']:.1f} s: loss {out['loss']:.4f}, {task.headline_metric} {ev[task.headline_metric]:.4f}")
     return out
