@@ -376,12 +376,15 @@ def evaluate(data: "_Data", model: tf.keras.Model) -> Evaluation:
 
 
 def device_examples(data: "_Data", n: int) -> tuple[list[dict], np.ndarray]:
-    """``n`` held-out windows of seen users (evenly spaced over the test set) as on-device calls
-    ({"token_ids": [1, seq_len]}), and the word after each window's last token (its label)."""
+    """``n`` held-out windows of seen users (evenly spaced over the test windows whose next token is a word, as
+    the top-1 metric counts: not padding, OOV or end) as on-device calls ({"token_ids": [1, seq_len]}), and that
+    word (the label)."""
     x, y = data.test
-    idx = np.linspace(0, len(x) - 1, min(n, len(x))).astype(int)
-    last = np.maximum((x[idx] != PAD).sum(1) - 1, 0)
-    return [{"token_ids": x[i : i + 1].astype(np.int32)} for i in idx], y[idx, last]
+    last = np.maximum((x != PAD).sum(1) - 1, 0)
+    nxt = y[np.arange(len(y)), last]
+    words = np.flatnonzero(nxt >= len(SPECIALS))
+    idx = words[np.linspace(0, len(words) - 1, min(n, len(words))).astype(int)]
+    return [{"token_ids": x[i : i + 1].astype(np.int32)} for i in idx], nxt[idx]
 
 
 def _client_loss(model, x, y) -> float:
