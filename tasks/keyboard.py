@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Evaluation, Task, TaskError
+from tff_pipeline.task import Evaluation, Personalization, Task, TaskError
 
 from tff_pipeline.config import need, need_positive_ints, setting
 
@@ -420,6 +420,68 @@ def audit(data: "_Data", seq_len: int, model: tf.keras.Model, participated: np.n
     return out
 
 
+PERSONAL_DRAW = 0x9E75  # the draw of the users personalized when --personalize_clients is below their number
+
+
+def _countable(y: np.ndarray) -> bool:
+    """Whether ``y`` holds a target the top-k metrics count (a word: not padding, OOV or end)."""
+    return bool(np.any(y >= len(SPECIALS)))
+
+
+def personal_users(data: "_Data") -> list[int]:
+    """The seen users personalization evaluates: those with at least 2 training sequences and a word to score in
+    their held-out speeches. Unseen users have no training part."""
+    return [i for i, (tx, ty) in enumerate(data.test_by_client) if len(data.train_x[i]) >= 2 and _countable(ty)]
+
+
+def personal_excluded(data: "_Data") -> str:
+    """Which evaluation users personalization leaves out, and why."""
+    no_text = sum(1 for _, ty in data.test_by_client if not _countable(ty))
+    short = sum(1 for i, (_, ty) in enumerate(data.test_by_client) if _countable(ty) and len(data.train_x[i]) < 2)
+    out = f"the {len(data.unseen_ids)} unseen users have no training part and are not personalized"
+    if no_text:
+        out += (f"; {no_text} of the {len(data.train_ids)} seen users have no held-out speech with a word to score "
+                f"(fewer than 5 speeches: their last 20% is empty) and are left out")
+    if short:
+        out += f"; {short} seen users with a single training sequence are left out"
+    return out
+
+
+def personal_clients(data: "_Data", limit: int, validation: bool) -> list:
+    """Seen users (personal_users), at most ``limit`` of them by a fixed public draw (the same users for every
+    run and seed of the same split). ``validation``: each fine-tunes on its first 80% of training sequences and
+    is scored on the rest (users with no word to score there are left out)."""
+    from tff_pipeline.task import PersonalClient
+
+    users = personal_users(data)
+    if limit and limit < len(users):
+        pick = np.random.default_rng(PERSONAL_DRAW).choice(len(users), limit, replace=False)
+        users = [users[j] for j in sorted(pick)]
+    out = []
+    for i in users:
+        x, y, held = data.train_x[i], data.train_y[i], data.test_by_client[i]
+        if validation:
+            n_val = max(1, int(round(0.2 * len(x))))
+            (x, y), held = (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+            if not _countable(held[1]):
+                continue
+        out.append(PersonalClient(data.train_ids[i], (x, y), held))
+    return out
+
+
+def personal_metric(model: tf.keras.Model, heldout) -> dict[str, float]:
+    """Top-1 and top-3 next-word accuracy on one user's held-out text (the metrics of ``metrics()``)."""
+    x, y = heldout
+    exclude = (PAD, OOV, EOS)
+    ms = [models.MaskedTopKAccuracy(k, exclude, len(SPECIALS), name=f"top{k}_accuracy") for k in (1, 3)]
+    infer = models.inference_fn(model)
+    for start in range(0, len(x), EVAL_BATCH):
+        out = infer(x[start : start + EVAL_BATCH])
+        for m in ms:
+            m.update_state(y[start : start + EVAL_BATCH], out)
+    return {m.name: float(m.result()) for m in ms}
+
+
 def servable(model: tf.keras.Model, build_plain) -> tf.keras.Model:
     """The model to serve: with adapters, ``build_plain()`` (the same architecture without them) holding the
     merged weights (tff_pipeline.adapters.merge_into)."""
@@ -466,6 +528,10 @@ def build(cfg) -> Task:
         public_data=data.public,
         audit=functools.partial(audit, data, seq_len),
         adapter_rank=shape.lora_rank,
+        personalization=Personalization(
+            functools.partial(personal_clients, data), personal_metric, "top1_accuracy", True,
+            ("logits", "logits_adapter") if shape.lora_rank else ("logits",), "user", len(personal_users(data)),
+            personal_excluded(data)),
         tuning=tuning_note(shape.tuning_clients, shape.tuning_run),
         public_data_source=f"{len(PUBLIC_PLAYS)} public plays never used as clients ({', '.join(PUBLIC_PLAYS)}): "
                            f"{len(data.public[0])} sequences",

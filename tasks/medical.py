@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
+from tff_pipeline.task import Evaluation, PersonalClient, Personalization, Task, TaskError, numeric_column
 
 from tff_pipeline.config import need, setting
 
@@ -78,6 +78,7 @@ HOSPITALS = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 N_NUM, N_CAT = len(NUMERIC), len(CATEGORICAL)
 FEATURES = N_NUM * 2 + N_CAT  # numeric values, numeric missing flags, categorical ids
 TEST_FRACTION = 0.25
+VALIDATION_FRACTION = 0.2  # personalization settings are chosen on this share of each hospital's training records
 
 
 def _csv_path() -> pathlib.Path:
@@ -263,6 +264,26 @@ def build(cfg) -> Task:
         overall = {f"test_{k}": v for k, v in binary_metrics(np.concatenate(ys), np.concatenate(ps)).items()}
         return Evaluation(overall, by_client)
 
+    def personal_clients(limit: int, validation: bool) -> list[PersonalClient]:
+        out = []
+        for c in clients:
+            (x, y), held = c["train"], c["test"]
+            if validation:  # a stratified 20% of its training records, drawn by a fixed rule
+                val = np.zeros(len(y), bool)
+                rng = np.random.default_rng([cfg.seed, 0x9E75])
+                for label in (0, 1):
+                    idx = np.flatnonzero(y == label)
+                    val[rng.choice(idx, int(round(VALIDATION_FRACTION * len(idx))), replace=False)] = True
+                (x, y), held = (x[~val], y[~val]), (x[val], y[val])
+            out.append(PersonalClient(c["name"], (x, y[:, None]), held))
+        return out[:limit] if limit else out
+
+    def personal_metric(model, heldout) -> dict[str, float]:
+        x, y = heldout
+        p = tf.sigmoid(models.inference_fn(model)(x)).numpy()[:, 0]
+        m = binary_metrics(y, p)
+        return {"accuracy": m["accuracy"], "auc": m["auc"]}
+
     sizes = {c["name"]: {"train": len(c["train"][1]), "test": len(c["test"][1]),
                          "train_positive_rate": float(c["train"][1].mean())} for c in clients}
     return Task(
@@ -288,6 +309,8 @@ def build(cfg) -> Task:
         headline_metric="test_accuracy",
         example_counts=tuple(len(c["train"][1]) for c in clients),
         client_names=tuple(c["name"] for c in clients),
+        personalization=Personalization(personal_clients, personal_metric, "accuracy", True, ("logit",),
+                                        "hospital", len(clients)),
     )
 
 

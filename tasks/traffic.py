@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from tff_pipeline import models
-from tff_pipeline.task import Evaluation, Task, TaskError, numeric_column
+from tff_pipeline.task import Evaluation, PersonalClient, Personalization, Task, TaskError, numeric_column
 
 from tff_pipeline.config import need, need_positive_ints, setting
 
@@ -72,6 +72,8 @@ TEST_FRACTION = 0.2
 N_FEAT = 6  # value, missing flag, sin/cos hour of day, sin/cos day of week
 EVAL_STRIDE = 1  # a test window starts at every test hour (all sensors)
 EVAL_BATCH = 512
+PERSONAL_TRAIN_WINDOWS = 4096  # --personalize: a sensor fine-tunes on at most this many of its training windows
+VALIDATION_FRACTION = 0.2  # personalization settings are chosen on the last 20% of each sensor's training span
 
 
 def load_akl():
@@ -396,16 +398,44 @@ class _Sensors:
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         return ds.shuffle(len(x), seed=round_seed).repeat(cfg.local_epochs).batch(cfg.batch_size)
 
-    def targets(self, i: int) -> np.ndarray:
-        return self.series[i][self.test_starts[i][:, None] + self.H + np.arange(self.K)[None]]
+    def targets(self, i: int, starts: Optional[np.ndarray] = None) -> np.ndarray:
+        st = self.test_starts[i] if starts is None else starts
+        return self.series[i][st[:, None] + self.H + np.arange(self.K)[None]]
 
-    def predictions(self, model, i):
-        """The model's forecasts of sensor i's test windows, in original units."""
-        st, infer, preds = self.test_starts[i], models.inference_fn(model), []
+    def predictions(self, model, i, starts: Optional[np.ndarray] = None):
+        """The model's forecasts of sensor i's test windows (or of the windows at ``starts``), in original units."""
+        st, infer, preds = self.test_starts[i] if starts is None else starts, models.inference_fn(model), []
         for s in range(0, len(st), EVAL_BATCH):
             x, _, mu, sd = make_windows(self.series[i], self.tfeat, st[s : s + EVAL_BATCH], self.H, self.K)
             preds.append(infer(x).numpy() * sd[:, None] + mu[:, None])
         return np.concatenate(preds) if preds else np.zeros((0, self.K))
+
+    def personal_clients(self, limit: int, validation: bool) -> list[PersonalClient]:
+        """Each sensor with test windows: at most PERSONAL_TRAIN_WINDOWS of its training windows (a fixed draw,
+        normalised as in training) and its test windows' starts. ``validation``: its training windows whose
+        targets end before 80% of its training span fine-tune, those whose targets start after it are scored."""
+        out = []
+        for i, name in enumerate(self.names):
+            st, held = self.train_starts[i], self.test_starts[i]
+            if validation:
+                lo, hi = st[0] + self.H, st[-1] + self.H + self.K
+                t = lo + int(round((1 - VALIDATION_FRACTION) * (hi - lo)))
+                st, held = st[st + self.H + self.K <= t], st[st + self.H >= t]
+            if not len(held) or not len(st):
+                continue
+            if len(st) > PERSONAL_TRAIN_WINDOWS:
+                st = np.sort(np.random.default_rng([self.cfg.seed, i, 0x9E75]).choice(st, PERSONAL_TRAIN_WINDOWS,
+                                                                                       replace=False))
+            x, y, _, _ = make_windows(self.series[i], self.tfeat, st, self.H, self.K)
+            out.append(PersonalClient(name, (x, y), (i, held)))
+        return out[:limit] if limit else out
+
+    def personal_metric(self, model, heldout) -> dict[str, float]:
+        """h1 and hK MAE in original units on a sensor's windows (``heldout`` = (sensor, window starts))."""
+        i, starts = heldout
+        e = _horizon_errors("", self.predictions(model, i, starts), self.targets(i, starts), self.K,
+                            drop_missing=False)
+        return {k[1:]: v for k, v in e.items() if k.endswith("_mae")}
 
     def naive_forecasts(self, i):
         """Persistence and same-step-last-week forecasts of sensor i's test
@@ -542,6 +572,11 @@ def build(cfg) -> Task:
         summary=d.summary(info, repairs), privacy_unit="one sensor site: its whole series",
         headline_metric="test_h1_mae", client_names=tuple(d.names), default_privacy_unit=DEFAULT_PRIVACY_UNIT,
         tuning=tuning_text(d),
+        personalization=Personalization(d.personal_clients, d.personal_metric, "h1_mae", False,
+                                        ("linear_skip", "attention_head"), "sensor",
+                                        sum(1 for st in d.test_starts if len(st)),
+                                        "" if all(len(st) for st in d.test_starts) else
+                                        "sensors without test windows are not personalized (nothing to score)"),
         **records,
     )
 

@@ -175,23 +175,13 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
     import json
     import os
 
-    from tff_pipeline import report
-    from tff_pipeline.io import atomic_write_text
+    from tff_pipeline import checkpoint, report, rundir, train
     from tff_pipeline.config import ConfigError
+    from tff_pipeline.io import atomic_write_text
 
-    if not run_dir:
-        raise ConfigError("--run_dir is required: a training run's --output_dir")
-    need = ("config.json", "privacy_report.json", "final_weights.h5")
-    missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
-    if missing:
-        raise ConfigError(f"--run_dir={run_dir} is not a finished training run (missing {', '.join(missing)})")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+    saved, cfg = rundir.open_finished_run(run_dir)
     with open(os.path.join(run_dir, "privacy_report.json")) as f:
         rep = json.load(f)
-    from tff_pipeline import checkpoint, config, train
-
-    cfg = config.make(strict=False, **saved["config"])
     if saved.get("privacy_unit") != "client":
         raise ConfigError(f"--run_dir={run_dir}: the audit attacks client-level runs; this run protects "
                           f"{saved.get('privacy_unit')!r} units")
@@ -200,14 +190,12 @@ def audit_run_dir(run_dir: Optional[str]) -> dict[str, Any]:
         raise ConfigError(f"--run_dir={run_dir} has no {participation.path} (the record of who took part, written "
                           f"by this version's runs); audit a run made with this version")
     import tasks
-    from tff_pipeline import dp_fedavg
 
     task = tasks.build(cfg)
     if task.audit is None:
         raise ConfigError(f"--run_dir={run_dir}: task {task.name!r} has no membership-inference audit (only keyboard "
                           f"at the client level has one)")
-    model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
-    model.load_weights(os.path.join(run_dir, "final_weights.h5"))
+    model = rundir.load_final_model(task, cfg, run_dir)
     a = run(task, model, participation.clients(), cfg.seed, float(saved["privacy"]["delta"]), rep["epsilon"])
     atomic_write_text(train.operator_path(run_dir, "audit.json"), json.dumps(a, indent=2) + "\n")
     rep["empirical_audit"] = POINTER

@@ -194,7 +194,7 @@ class Report(Callback):
             mech, rounds_run=run.rounds_run, rounds_planned=run.cfg.rounds, entries=entries,
             unit=run.task.record_is if mech.unit == "example" else run.task.privacy_unit,
             per_client=per_client, stop_reason=run.stop_reason, noise_calibration=run.resolved.calibration,
-            releases=release_notes(run.task, mech, run.cfg.audit, run.sampler.secret),
+            releases=release_notes(run.task, mech, run.cfg.audit, run.sampler.secret, personalize=run.cfg.personalize),
             sampling_secret=run.sampler.secret,
             max_participations=run.participation.max_per_client() if not run.sampler.secret else None,
             initialisation=None if run.pretrain is None else
@@ -226,7 +226,7 @@ class Summary(Callback):
             "public_pretraining": run.pretrain, "seconds_total": time.monotonic() - run.t_start,
             "seconds_training": run.train_seconds,
             "seconds_per_round": run.train_seconds / max(run.rounds_run - run.first_round + 1, 1),
-            "tflite": run.tflite}
+            "tflite": run.tflite, "personalization": (run.personalization or {}).get("summary")}
         if a:
             mi = a["membership_inference"]
             summary["audit"] = {"mi_auc": mi["auc"], "mi_advantage": mi["advantage"],
@@ -248,6 +248,10 @@ class Summary(Callback):
         log("")
         overall = run.last_eval.overall
         by_client = {name: dict(row) for name, row in run.last_eval.by_client.items()}
+        if run.personalization:  # per-client columns of --personalize (operator-only, like the rest of the table)
+            from tff_pipeline.personalize import merge_by_client
+
+            by_client = merge_by_client(by_client, run.personalization)
         log("held-out: " + ", ".join(f"{k} {v:.4f}" for k, v in overall.items() if isinstance(v, (int, float))))
         compared = comparison(run.task, overall, run.pretrain)
         if compared:

@@ -47,6 +47,7 @@ def need_positive_ints(obj, names) -> None:
         need(v >= 1, f"--{name}={v} must be at least 1")
 
 
+PERSONALIZE_LAYERS = ("all", "head", "adapters")  # tff_pipeline.personalize
 MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd", "dp_sgd_server", "distributed_dp")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
 
 
@@ -185,6 +186,26 @@ class TrainConfig:
     canary_repeats: int = setting(10, "Copies of the canary in each of those clients' training data.")
     tflite: str = setting("float16", "Also export model.tflite for TensorFlow Lite (phones): float16 weights, int8 "
                           "(dynamic-range quantisation: int8 weights, float activations) or none.", resumable=True)
+    # Personalization (tff_pipeline.personalize): on each evaluation client, after training; changes no release.
+    personalize: bool = setting(False, "After training, each evaluation client fine-tunes the released model on its "
+                                "own training part and is scored on its own held-out part, before and after "
+                                "(operator/personalization.json, .png; per-client columns in "
+                                "operator/heldout_by_client.csv). Nothing leaves the client and nothing is "
+                                "released: the guarantee of the global model is unchanged.", resumable=True)
+    personalize_steps: int = setting(10, "--personalize: local SGD steps of --batch_size examples on each client "
+                                     "(0: evaluate the global model only; every gain is then 0). The defaults (10 "
+                                     "steps, learning rate 0.03, all weights) were chosen on the clients' training "
+                                     "parts (scripts/personalize.py --validation), never on held-out data.",
+                                     resumable=True)
+    personalize_learning_rate: float = setting(0.03, "--personalize: learning rate of the local SGD steps.",
+                                               resumable=True)
+    personalize_layers: str = setting("all", "--personalize: what each client fine-tunes: all (every weight), head "
+                                      "(the output layer(s): keyboard logits, medical logit, traffic linear_skip "
+                                      "and attention_head) or adapters (the low-rank adapters; keyboard with "
+                                      "--lora_rank > 0).", resumable=True)
+    personalize_clients: int = setting(200, "--personalize: at most this many evaluation clients, a fixed public "
+                                       "draw when there are more (keyboard: 200 of its seen users; medical and "
+                                       "traffic have fewer, so all). 0 = all.", resumable=True)
     # Durability.
     eval_every: int = setting(10, "Evaluate on held-out data every N rounds.", resumable=True)
     checkpoint_every: int = setting(10, "Checkpoint the full training state every N rounds (also at the end and on "
@@ -221,6 +242,16 @@ class TrainConfig:
         need(self.public_pretrain_epochs >= 0,
              f"--public_pretrain_epochs={self.public_pretrain_epochs} must be >= 0 (0 = no pre-training)")
         need(self.tflite in ("float16", "int8", "none"), f"--tflite={self.tflite!r} must be float16, int8 or none")
+        need(self.personalize_steps >= 0, f"--personalize_steps={self.personalize_steps} must be >= 0")
+        need(self.personalize_learning_rate > 0 and math.isfinite(self.personalize_learning_rate),
+             f"--personalize_learning_rate={self.personalize_learning_rate} must be a finite number > 0")
+        need(self.personalize_layers in PERSONALIZE_LAYERS,
+             f"--personalize_layers={self.personalize_layers!r} must be one of {', '.join(PERSONALIZE_LAYERS)}")
+        need(self.personalize_clients >= 0, f"--personalize_clients={self.personalize_clients} must be >= 0 "
+                                            f"(0 = all)")
+        need(self.personalize_layers != "adapters" or getattr(self.task_settings, "lora_rank", 0) > 0,
+             f"--personalize_layers=adapters: the {self.task} model has no adapters (only keyboard with "
+             f"--lora_rank > 0 has them); use all or head")
         need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
         need_positive_ints(self, ("canary_clients", "canary_repeats", "batch_size", "local_epochs",
                                   "max_client_examples", "eval_every", "checkpoint_every", "keep_checkpoints"))

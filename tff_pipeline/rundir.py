@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 from importlib import metadata
-from typing import Any
+from typing import Any, Optional
 
 from tff_pipeline import config
 from tff_pipeline.config import ConfigError, TrainConfig
@@ -30,9 +30,10 @@ def operator_path(out: str, name: str) -> str:
     return os.path.join(d, name)
 
 
-def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, Any]:
+def release_notes(task, mech, audit: bool, secret_sampling: bool, personalize: bool = False) -> dict[str, Any]:
     """What the run directory holds, split into what the DP guarantee covers
-    and the operator-only values computed from private data without noise."""
+    and the operator-only values computed from private data without noise. ``personalize``: the run
+    personalized the model on each evaluation client (--personalize)."""
     covered = ["saved_model/, final_weights.h5 and model.tflite (with the keyboard's vocab.txt, the same vocabulary "
                "as the SavedModel's): the trained model", *mech.released_by_mechanism,
                "privacy_report.json/.md/.html and ledger.jsonl: the settings, the recorded DpEvents and ε",
@@ -65,6 +66,8 @@ def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, A
                            "with per-client baselines where the task has them.")
     if audit:
         not_covered.append(AUDIT_NOT_COVERED)
+    if personalize:  # what the guarantee does not extend to: the clients' personalized copies, and these files
+        not_covered += [PERSONALIZATION_STATEMENT, PERSONALIZATION_NOT_COVERED]
     not_counted = [task.tuning or "Choosing hyperparameters across several runs on the same clients spends "
                    "privacy that this report does not count; tune on public data or on clients set apart."]
     return {"covered": covered, "public": public, "not_covered": not_covered, "not_counted": not_counted}
@@ -72,6 +75,45 @@ def release_notes(task, mech, audit: bool, secret_sampling: bool) -> dict[str, A
 
 AUDIT_NOT_COVERED = ("operator/audit.json: attack scores computed on training and held-out clients without noise "
                      "(the report only points to it).")
+
+
+PERSONALIZATION_NOT_COVERED = (
+    "operator/personalization.json, operator/personalization.png and the personalized_ and personal_gain_ columns "
+    "of operator/heldout_by_client.csv (--personalize): each evaluation client's metrics with the released model "
+    "and with its personalized copy, computed on its own held-out data without noise.")
+PERSONALIZATION_STATEMENT = (
+    "Personalization (--personalize) happens on each client, starting from the released model: each client "
+    "fine-tunes its own copy on its own training data, without differential privacy, and keeps it. The "
+    "personalized models are not released and nothing of them leaves the client, so the guarantee of the global "
+    "model is unchanged; it does not extend to the personalized models.")
+
+
+def open_finished_run(run_dir: Optional[str]) -> tuple[dict, TrainConfig]:
+    """config.json of the finished training run in ``run_dir`` and its TrainConfig, for the scripts that work on
+    one (scripts/audit.py, scripts/personalize.py); a ConfigError naming --run_dir when it is not one."""
+    if not run_dir:
+        raise ConfigError("--run_dir is required: a training run's --output_dir")
+    need = ("config.json", "privacy_report.json", "final_weights.h5")
+    missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
+    if missing:
+        raise ConfigError(f"--run_dir={run_dir} is not a finished training run (missing {', '.join(missing)})")
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+        flat = saved["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--run_dir={run_dir}: cannot read its config.json ({type(e).__name__}: {e})")
+    return saved, config.make(strict=False, **flat)
+
+
+def load_final_model(task, cfg: TrainConfig, run_dir: str):
+    """The run's final model: the task's Keras model (with the run's trainable flags, which set the order of the
+    saved weights) holding ``run_dir``/final_weights.h5."""
+    from tff_pipeline import dp_fedavg
+
+    model = dp_fedavg.build_keras_model(task, cfg.frozen_layers)
+    model.load_weights(os.path.join(run_dir, "final_weights.h5"))
+    return model
 
 
 RUN_FILES = ("config.json", "privacy_report.json", "privacy_report.md", "privacy_report.html", "final_weights.h5",

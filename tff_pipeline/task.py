@@ -35,6 +35,42 @@ class Evaluation:
 
 
 @dataclasses.dataclass(frozen=True)
+class PersonalClient:
+    """One evaluation client's own data for personalization: ``train`` (x, y) arrays to fine-tune on (in the
+    shapes the task's loss takes), ``heldout`` what the task's personal metric scores (its held-out part)."""
+
+    name: str
+    train: tuple
+    heldout: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Personalization:
+    """What personalization (tff_pipeline.personalize) needs from a task.
+
+    Attributes:
+      clients: (at most n clients, 0 = all; validation) -> list[PersonalClient]. With ``validation`` each
+        client's training part is split: it fine-tunes on the earlier 80% and is scored on the rest, never on
+        its held-out part (for choosing the personalization settings).
+      metric: (Keras model, a client's ``heldout``) -> {metric: value} on that client.
+      headline: the metric the gain is reported on; ``higher_is_better`` says which way is better.
+      head: names of the model's output layer(s), what --personalize_layers=head fine-tunes.
+      client_is: what one client is ("hospital", "sensor", "user"), for the report and the plot.
+      count: how many clients ``clients(0, False)`` gives (with a limit below it, a fixed public draw of them).
+      excluded: which evaluation clients are not personalized and why ("" when none are).
+    """
+
+    clients: Callable[[int, bool], list]
+    metric: Callable[[Any, Any], dict]
+    headline: str
+    higher_is_better: bool
+    head: tuple
+    client_is: str
+    count: int
+    excluded: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """Everything the training loop needs to know about one task.
 
@@ -71,6 +107,9 @@ class Task:
       tuning: how hyperparameter tuning relates to this run's clients (users
         set apart for it, or a tuning run on them), for the report; "" when
         the task sets no users apart.
+      personalization: optional Personalization: each evaluation client's own training and held-out parts,
+        the per-client metric and the model's head, for fine-tuning the released model on each client
+        (tff_pipeline.personalize, --personalize); None: the task has none.
     """
 
     name: str
@@ -96,6 +135,7 @@ class Task:
     tuning: str = ""
     serving_module: Any = None
     device_examples: Any = None
+    personalization: Any = None
 
     def __post_init__(self):
         if self.population < 1:

@@ -23,6 +23,7 @@ from tff_pipeline import progress
 from tff_pipeline.callbacks import (BudgetGuard, Callback, Checkpointing, Evaluate, Export, MetricsCsv, Progress,
                                     Report, RoundResult, Summary, TensorBoardEvents, TfliteExport)
 from tff_pipeline.config import ConfigError, TrainConfig
+from tff_pipeline.personalize import Personalize
 from tff_pipeline.io import atomic_write_text
 from tff_pipeline.rundir import (AUDIT_NOT_COVERED, OPERATOR_DIR, RUN_DIRS, RUN_FILES,  # noqa: F401 (re-exported)
                                  check_resume_compatible, operator_path, package_versions, prepare_output_dir,
@@ -71,6 +72,7 @@ class Run:
     report: Optional[dict] = None
     audit_result: Optional[dict] = None
     tflite: Optional[dict] = None  # TfliteExport's result
+    personalization: Optional[dict] = None  # Personalize's result (tff_pipeline.personalize), with --personalize
     summary: Optional[dict] = None
 
     @property
@@ -136,7 +138,7 @@ def _run(cfg: TrainConfig, callbacks, log, t_start: float, previous: Optional[di
          defaulted: bool = False) -> dict[str, Any]:
     run, ckpt = _setup(cfg, log, t_start, previous, stale, defaulted)
     rows = [run.metrics_csv, Progress(cfg.rounds, run.task.headline_metric), TensorBoardEvents()]
-    hooks = [Evaluate(), *rows, Checkpointing(ckpt[0] if ckpt else 0), BudgetGuard(), *callbacks]
+    hooks = [Evaluate(), *rows, Checkpointing(ckpt[0] if ckpt else 0), BudgetGuard(), Personalize(), *callbacks]
     for h in hooks:
         h.on_train_begin(run)
     if run.pretrain is not None and not ckpt:  # row 0: after public pre-training, nothing private spent
