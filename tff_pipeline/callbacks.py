@@ -144,6 +144,10 @@ class TfliteExport(Callback):
         path = os.path.join(run.out, "model.tflite")
         if q == "none" or task.serving_module is None:
             return
+        if task.tflite_unsupported:
+            run.tflite = {"exported": False, "why": task.tflite_unsupported}
+            run.log(f"model.tflite: not exported for the {task.name} task: {task.tflite_unsupported}")
+            return
         run.log(f"exporting model.tflite ({q} weights) ...")
         with progress.phase(f"exporting model.tflite ({q})"):
             module = task.serving_module(run.keras_model)

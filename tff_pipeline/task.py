@@ -87,6 +87,9 @@ class Task:
       export: (Keras model, directory) -> writes a SavedModel there.
       serving_module: optional Keras model -> the tf.Module that export saves (``serve``; ``serve_on_device``
         when the on-device call differs), for the TensorFlow Lite export (tff_pipeline.tflite).
+      tflite_unsupported: why the serving module cannot become a TensorFlow Lite model (the converter's words,
+        tff_pipeline.tflite.Unsupported; a test converts it and checks them), so that a run says it without the
+        seconds a failing conversion costs; "" to convert.
       device_examples: optional n -> (n held-out inputs of the on-device call, their labels or None), for the
         TensorFlow Lite export's agreement and latency check.
       summary: facts about the data for config.json and the report.
@@ -134,6 +137,7 @@ class Task:
     adapter_rank: int = 0
     tuning: str = ""
     serving_module: Any = None
+    tflite_unsupported: str = ""
     device_examples: Any = None
     personalization: Any = None
 
