@@ -30,8 +30,9 @@ def session_workers():
 WORKERS_AT_START = frozenset(session_workers())
 
 # A small but real configuration: real Shakespeare clients, a small model.
+# No model.tflite (its conversion and check cost about 4 s a run): the shared trained_run makes and tests one.
 SMALL = ["--vocab_size=2000", "--model_dim=32", "--heads=2", "--ff_dim=64", "--max_client_examples=16",
-         "--batch_size=8"]
+         "--batch_size=8", "--tflite=none"]
 
 
 def children_workers(pid):
@@ -127,7 +128,7 @@ def trained_run(tmp_path_factory):
     t = time.monotonic()
     p = run_script("train.py", "--task=keyboard", f"--output_dir={out}", "--rounds=3", "--clients_per_round=8",
                    "--delta=1e-5", "--eval_every=2", "--seed=1", "--public_pretrain_epochs=1",
-                   "--freeze_layers=token_embedding,logits", *SMALL)
+                   "--freeze_layers=token_embedding,logits", *SMALL, "--tflite=float16")
     assert p.returncode == 0, p.stderr[-3000:]
     return {"dir": out, "stdout": p.stdout, "stderr": p.stderr, "seconds": time.monotonic() - t,
             "workers_before": before, "workers_after": session_workers()}
