@@ -119,7 +119,13 @@ class Export(Callback):
         shutil.rmtree(tmp_dir, ignore_errors=True)
         run.log("exporting the SavedModel ...")
         with progress.phase("exporting the SavedModel"):
-            run.task.export(model, tmp_dir)
+            if run.task.serving_module is not None:  # one module for the SavedModel and model.tflite
+                from tasks._common import save_serving
+
+                run.serving_module = run.task.serving_module(model)
+                save_serving(run.serving_module, tmp_dir)
+            else:
+                run.task.export(model, tmp_dir)
         if os.path.exists(export_dir):
             os.replace(export_dir, old_dir)
         os.replace(tmp_dir, export_dir)
@@ -150,7 +156,7 @@ class TfliteExport(Callback):
             return
         run.log(f"exporting model.tflite ({q} weights) ...")
         with progress.phase(f"exporting model.tflite ({q})"):
-            module = task.serving_module(run.keras_model)
+            module = run.serving_module or task.serving_module(run.keras_model)
             try:
                 blob = tflite.convert(module, q)
             except tflite.Unsupported as e:

@@ -71,6 +71,7 @@ class Run:
     stop: Any = None
     report: Optional[dict] = None
     audit_result: Optional[dict] = None
+    serving_module: Any = None  # the task's serving module Export saved (TfliteExport converts the same one)
     tflite: Optional[dict] = None  # TfliteExport's result
     personalization: Optional[dict] = None  # Personalize's result (tff_pipeline.personalize), with --personalize
     summary: Optional[dict] = None
