@@ -239,3 +239,63 @@ def test_a_shard_is_iterated_without_reduce_dataset(small):
     graphs = proto.SerializeToString()
     assert b"ReduceDataset" not in graphs
     assert b"IteratorGetNext" in graphs
+
+
+def test_fedatt_cohort_round_equals_tff_fed_avg_with_the_fedatt_factory(small):
+    """--aggregation=attentive: three rounds of our cohort process (one client per shard) and of TFF's own
+    build_unweighted_fed_avg with the FedAtt aggregation factory as its model_aggregator give the same weights;
+    the clients' distances differ, so the attention weights are not uniform (and the result is not FedAvg's)."""
+    import tensorflow_federated as tff
+
+    from tff_pipeline import cohort, dp_fedavg, fedatt
+
+    task, cfg = small
+    cfg = cfg.replace(aggregation="attentive", attention_temperature=0.05)
+    mech = _pcfg(cfg, task)
+    assert mech.one_client_per_shard and not mech.is_private
+    stock = tff.learning.algorithms.build_unweighted_fed_avg(
+        dp_fedavg.model_fn_for(task, ()),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=cfg.client_learning_rate),
+        server_optimizer_fn=dp_fedavg.server_optimizer(cfg),
+        model_aggregator=fedatt.build_factory(0.05))
+    mean = dp_fedavg.build_per_client_process(task, cfg.replace(aggregation="mean", initial_clip=1e6,
+                                                                clip_learning_rate=0.0), _pcfg(
+        cfg.replace(aggregation="mean", initial_clip=1e6, clip_learning_rate=0.0), task), guard=False)
+    ours = cohort.build_process(task, cfg, mech)
+    s_stock = stock.initialize()
+    s_ours = ours.set_model_weights(ours.initialize(), stock.get_model_weights(s_stock))
+    s_mean = mean.set_model_weights(mean.initialize(), stock.get_model_weights(s_stock))
+    for r in range(1, 4):
+        ids = [(5 * r + j) % 30 for j in range(8)]
+        data = [task.client_dataset(int(i), r) for i in ids]
+        out_stock = stock.next(s_stock, data)
+        out = ours.next(s_ours, cohort.shard_datasets(data, len(data)))
+        s_stock, s_ours = out_stock.state, out.state
+        for a, b in zip(ours.get_model_weights(s_ours).trainable, stock.get_model_weights(s_stock).trainable):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        att = out.metrics["aggregator"]["fedatt"]
+        assert att == pytest.approx(out_stock.metrics["aggregator"], rel=1e-5)
+        assert 1.0 < att["effective_clients"] < 7.9 and att["max_weight"] > 1 / 8 + 0.01  # not uniform
+        if r == 1:  # from the same start, FedAvg's unweighted mean (no clipping at this clip) differs
+            m = mean.next(s_mean, data)
+            gap = max(float(np.abs(a - b).max()) for a, b in zip(
+                mean.get_model_weights(m.state).trainable, ours.get_model_weights(s_ours).trainable))
+            assert gap > 1e-4
+
+
+def test_reptile_clients_take_exactly_the_personalization_steps(small):
+    """--meta_learning=reptile: every client with data runs exactly --personalize_steps SGD steps (cycling over
+    its batches) at --personalize_learning_rate; one without data stays empty. Its adapted delta is clipped and
+    noised like any update, so the round's DP query is unchanged."""
+    from tff_pipeline import cohort
+
+    task, cfg = small
+    cfg = cfg.replace(meta_learning="reptile", personalize_steps=7, personalize_learning_rate=0.05)
+    assert cohort.client_learning_rate(cfg) == 0.05
+    ids = [0, 1, 2, 4]  # client 0 has no data; the others have 1-4 batches of 4
+    data = [cohort.reptile_steps(task.client_dataset(i, 1), 7) for i in ids]
+    assert [sum(1 for _ in d) for d in data] == [0, 7, 7, 7]
+    process = cohort.build_process(task, cfg, _pcfg(cfg, task))
+    out = process.next(process.initialize(), cohort.shard_datasets(data, 2))
+    assert out.metrics["client_work"]["train"]["num_batches"] == 21
+    assert "clip" in out.metrics["aggregator"]["dp_query_metrics"]

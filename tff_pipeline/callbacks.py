@@ -376,7 +376,8 @@ class Progress(Callback):
         eps = "∞ (no DP)" if r.epsilon is None else f"{r.epsilon:.3f}"
         line = (f"round {r.round_num:>4}/{self.total} | {r.seconds:5.2f} s | ETA {progress.fmt_secs(eta)} | "
                 f"clients {r.cohort_size:>3} | loss {r.train.get('loss', float('nan')):.4f} | "
-                f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ε {eps}")
+                + (f"FedAtt effective clients {r.train['effective_clients']:.1f} | " if "effective_clients" in r.train
+                   else f"clip {r.clip if r.clip is not None else float('nan'):.3f} | ") + f"ε {eps}")
         if r.train.get("expected_noise_norm"):  # the noise this round against the signal it carried
             line += (f" | signal/noise {r.train['signal_norm_estimate']:.3g}/"
                      f"{r.train['expected_noise_norm']:.3g}")

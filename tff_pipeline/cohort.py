@@ -119,14 +119,17 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     from tff_pipeline import dp_fedavg
 
     model_fn = dp_fedavg.model_fn_for(task, cfg.frozen_layers)
-    lr = float(cfg.client_learning_rate)
+    lr = float(client_learning_rate(cfg))
+    attentive = getattr(mech, "attentive", False)
     with tf.Graph().as_default():
         model = model_fn()
         metric_finalizers = model.metric_finalizers()
         input_spec = model.input_spec
         weights_type = tff.learning.models.weights_type_from_model(model)
     trainable_spec = tuple(tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable)
-    query = mech.make_query(trainable_spec)
+    # FedAtt: each shard is one client whose raw (unclipped, non-finite zeroed) update the attentive
+    # aggregation weighs; the sum query only carries the update out of the shard.
+    query = _plain_sum_query() if attentive else mech.make_query(trainable_spec)
     shard_type = tff.SequenceType(tff.types.tensorflow_to_type((tf.TensorSpec([], tf.int32), input_spec)))
 
     @tff.tensorflow.computation
@@ -158,9 +161,35 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
         return result, new_state, _with_norms(query.derive_metrics(new_state), state, result)
 
     secure = getattr(mech, "secure_aggregation", False)
+    fedatt = None
+    if attentive:
+        from tff_pipeline import fedatt as fedatt_lib
+
+        fedatt = fedatt_lib.build_factory(mech.attention_temperature).create(record_sum_type)
     return _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
                      initial_query_state, derive_params, shard_update, noised_mean,
-                     _secure_sums(record_sum_type, mech.secure_sum_bound) if secure else None)
+                     _secure_sums(record_sum_type, mech.secure_sum_bound) if secure else None, fedatt)
+
+
+def client_learning_rate(cfg: TrainConfig) -> float:
+    """The clients' SGD learning rate: --personalize_learning_rate under --meta_learning=reptile (the inner loop
+    is the personalization's), else --client_learning_rate."""
+    return cfg.personalize_learning_rate if cfg.meta_learning == "reptile" else cfg.client_learning_rate
+
+
+def reptile_steps(ds, steps: int):
+    """A client's batches for a Reptile inner loop: exactly ``steps`` batches, cycling over its own (a client
+    without data keeps none: it sends a zero update, as in any round)."""
+    if int(ds.cardinality()) == 0:
+        return ds
+    return ds.repeat().take(steps)
+
+
+def _plain_sum_query():
+    """tensorflow-privacy's sum query without clipping or noise (--aggregation=attentive, never with DP)."""
+    import tensorflow_privacy as tfp
+
+    return tfp.NoPrivacySumQuery()
 
 
 def _secure_sums(record_type, bound: float):
@@ -199,12 +228,17 @@ def _with_norms(metrics, state, result):
 
 
 def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartable, initial_weights,
-              initial_query_state, derive_params, shard_update, noised_mean, secure=None):
+              initial_query_state, derive_params, shard_update, noised_mean, secure=None, fedatt=None):
     """The LearningProcess from TFF's broadcast distributor, the shard computations and TFF's optimizer
-    finalizer; its state is TFF's LearningAlgorithmState."""
+    finalizer; its state is TFF's LearningAlgorithmState. ``fedatt``: an attentive aggregation process
+    (tff_pipeline.fedatt) that replaces the query's sum and noised mean; its state is the aggregator's."""
     import tensorflow_federated as tff
 
     from tff_pipeline import dp_fedavg
+
+    @tff.tensorflow.computation
+    def plain_params():
+        return query.derive_sample_params(query.initial_global_state())
 
     metrics_agg = (tff.learning.metrics.secure_sum_then_finalize if secure else
                    tff.learning.metrics.sum_then_finalize)(metric_finalizers)
@@ -227,21 +261,30 @@ def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartab
     def init_fn():
         return tff.federated_zip(state_cls(
             tff.federated_eval(initial_weights, tff.SERVER), distributor.initialize(),
-            tff.federated_value((), tff.SERVER), tff.federated_eval(initial_query_state, tff.SERVER),
+            tff.federated_value((), tff.SERVER),
+            fedatt.initialize() if fedatt else tff.federated_eval(initial_query_state, tff.SERVER),
             finalizer.initialize()))
 
     @tff.federated_computation(init_fn.type_signature.result, tff.FederatedType(shard_type, tff.CLIENTS))
     def next_fn(state, shards):
         dist = distributor.next(state.distributor, state.global_model_weights)
-        params = tff.federated_broadcast(tff.federated_map(derive_params, state.aggregator))
+        if fedatt:
+            params = tff.federated_broadcast(tff.federated_eval(plain_params, tff.SERVER))
+        else:
+            params = tff.federated_broadcast(tff.federated_map(derive_params, state.aggregator))
         records, local_metrics, clients, zeroed = tff.federated_map(shard_update, (dist.result, params, shards))
-        record_sum, secure_measurements = sum_records(records)
-        update, query_state, query_metrics = tff.federated_map(noised_mean, (record_sum, state.aggregator))
+        if fedatt:
+            out = fedatt.next(state.aggregator, records)
+            update, query_state, secure_measurements = out.result, out.state, None
+            query_metrics = out.measurements
+        else:
+            record_sum, secure_measurements = sum_records(records)
+            update, query_state, query_metrics = tff.federated_map(noised_mean, (record_sum, state.aggregator))
         fin = finalizer.next(state.finalizer, state.global_model_weights, update)
         new_state = tff.federated_zip(state_cls(fin.result, dist.state, state.client_work, query_state, fin.state))
         train = metrics_agg(local_metrics)
-        aggregator = collections.OrderedDict(dp_query_metrics=query_metrics,
-                                             non_finite_updates_zeroed=sum_count(zeroed)[0])
+        aggregator = collections.OrderedDict([("fedatt" if fedatt else "dp_query_metrics", query_metrics),
+                                              ("non_finite_updates_zeroed", sum_count(zeroed)[0])])
         if secure:
             aggregator["secure_sum"] = secure_measurements
         metrics = tff.federated_zip(collections.OrderedDict(

@@ -48,6 +48,8 @@ def need_positive_ints(obj, names) -> None:
 
 
 PERSONALIZE_LAYERS = ("all", "head", "adapters")  # tff_pipeline.personalize
+AGGREGATIONS = ("mean", "attentive")  # tff_pipeline.fedatt
+META_LEARNING = ("none", "reptile")
 MECHANISMS = ("auto", "dp_fedavg", "dp_ftrl", "dp_sgd", "dp_sgd_server", "distributed_dp")  # tff_pipeline.mechanisms.REGISTRY (a test checks)
 
 
@@ -96,6 +98,13 @@ class PrivacySettings:
         100.0, "--secure_aggregation: each coordinate of a client's clipped update is clipped to [-B, B] and "
         "quantised to 32 bits before the secure sum; keep B above the clip norm (no coordinate of a clipped update "
         "exceeds it).", accounting=True)
+    aggregation: str = setting(
+        "mean", "How the server combines the clients' updates: mean (FedAvg: the DP query's clipped, noised mean) "
+        "or attentive (FedAtt, Ji et al. 2019: per weight tensor, a softmax over each client's distance to the "
+        "server model; not differentially private, so only with --noise_multiplier=0).", accounting=True)
+    attention_temperature: float = setting(
+        1.0, "--aggregation=attentive: temperature T of the softmax over distances (1 = Ji et al. 2019; larger T "
+        "moves toward the plain mean).", accounting=True)
     ddp_clip: float = setting(0.1, "--mechanism=distributed_dp: the fixed per-client L2 clip norm C (Kairouz, Liu, "
                               "Steinke 2021).", accounting=True)
     ddp_bits: int = setting(20, "--mechanism=distributed_dp: the secure sum works modulo 2^bits (1..22); more bits, "
@@ -135,6 +144,10 @@ class PrivacySettings:
         need(self.clip_learning_rate >= 0, f"--clip_learning_rate={self.clip_learning_rate} must be >= 0")
         need(self.secure_sum_bound > 0 and math.isfinite(self.secure_sum_bound),
              f"--secure_sum_bound={self.secure_sum_bound} must be a finite number > 0")
+        need(self.aggregation in AGGREGATIONS,
+             f"--aggregation={self.aggregation!r} must be one of {', '.join(AGGREGATIONS)}")
+        need(self.attention_temperature > 0 and math.isfinite(self.attention_temperature),
+             f"--attention_temperature={self.attention_temperature} must be a finite number > 0")
         need(self.ftrl_clip > 0 and math.isfinite(self.ftrl_clip), f"--ftrl_clip={self.ftrl_clip} must be > 0")
         need(self.l2_norm_clip > 0, f"--l2_norm_clip={self.l2_norm_clip} must be > 0")
         need(self.local_steps >= 1, f"--local_steps={self.local_steps} must be at least 1")
@@ -206,6 +219,13 @@ class TrainConfig:
     personalize_clients: int = setting(200, "--personalize: at most this many evaluation clients, a fixed public "
                                        "draw when there are more (keyboard: 200 of its seen users; medical and "
                                        "traffic have fewer, so all). 0 = all.", resumable=True)
+    meta_learning: str = setting(
+        "none", "none, or reptile: a meta-learned starting point for personalization (Reptile, Nichol et al. 2018; "
+        "for federated learning Jiang et al. 2019). Each sampled client's local work becomes exactly the adaptation "
+        "--personalize runs (--personalize_steps SGD steps of --batch_size examples at "
+        "--personalize_learning_rate, cycling over its examples) and it sends that adapted delta, clipped and "
+        "noised as any update (the same DP guarantee); the server's step toward the adapted models is the server "
+        "optimizer's (the meta step). Client-level mechanisms with cohorts (dp_fedavg, dp_ftrl).")
     # Durability.
     eval_every: int = setting(10, "Evaluate on held-out data every N rounds.", resumable=True)
     checkpoint_every: int = setting(10, "Checkpoint the full training state every N rounds (also at the end and on "
@@ -252,6 +272,11 @@ class TrainConfig:
         need(self.personalize_layers != "adapters" or getattr(self.task_settings, "lora_rank", 0) > 0,
              f"--personalize_layers=adapters: the {self.task} model has no adapters (only keyboard with "
              f"--lora_rank > 0 has them); use all or head")
+        need(self.meta_learning in META_LEARNING,
+             f"--meta_learning={self.meta_learning!r} must be one of {', '.join(META_LEARNING)}")
+        need(self.meta_learning == "none" or self.personalize_steps >= 1,
+             f"--meta_learning={self.meta_learning} adapts with --personalize_steps steps, but "
+             f"--personalize_steps={self.personalize_steps}; set it to at least 1")
         need(self.canaries >= 0, f"--canaries={self.canaries} must be >= 0 (0 = no canaries)")
         need_positive_ints(self, ("canary_clients", "canary_repeats", "batch_size", "local_epochs",
                                   "max_client_examples", "eval_every", "checkpoint_every", "keep_checkpoints"))

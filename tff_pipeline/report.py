@@ -157,11 +157,14 @@ def statement(r: dict[str, Any], mech) -> str:
     verb = "will satisfy" if plan else "satisfies"
     model = "A model trained this way" if plan else "This model"
     if not r["differentially_private"]:
+        attentive = (r.get("aggregation") or {}).get("rule") == "attentive"
+        how = ("attentive aggregation (FedAtt, Ji et al. 2019: updates weighted by a softmax over their distances "
+               "to the server model, not clipped)" if attentive else "federated averaging")
         return (
             f"No differential privacy: --noise_multiplier=0, so no (ε, δ) guarantee holds for this model. "
-            f"It was trained for {r['rounds_run']} rounds of federated averaging"
-            + ("" if example else f" with clipped updates and {s['clients_per_round']} clients per round out of "
-                                  f"{s['population']}") + "."
+            f"It was trained for {r['rounds_run']} rounds of {how}"
+            + ("" if example else f"{'' if attentive else ' with clipped updates'} and "
+                                  f"{s['clients_per_round']} clients per round out of {s['population']}") + "."
         )
     eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
     if example:

@@ -97,11 +97,13 @@ class Run:
         from tff_pipeline import cohort
 
         data = [self.task.client_dataset(int(i), self.cfg.seed * 1_000_003 + r) for i in ids]
+        if self.cfg.meta_learning == "reptile":  # each client's inner loop: exactly --personalize_steps steps
+            data = [cohort.reptile_steps(d, self.cfg.personalize_steps) for d in data]
         if self.mech.unit != "client" or not getattr(self.mech, "cohort_shards", True):
             return [cohort.without_autotune(d) for d in data]  # TFF's per-client process
         # The cohort as one shard per worker; an empty cohort is still a round (noise only, counted). With secure
-        # aggregation one shard per client: a shard sums its clients in plaintext.
-        shards = len(data) if getattr(self.mech, "secure_aggregation", False) else self.num_workers
+        # aggregation or FedAtt one shard per client: a shard sums its clients in plaintext.
+        shards = len(data) if getattr(self.mech, "one_client_per_shard", False) else self.num_workers
         return cohort.shard_datasets(data, shards) or cohort.empty_shards(self.task.element_spec)
 
 

@@ -44,6 +44,13 @@ def resolve(cfg, task) -> Resolved:
     if cfg.privacy.secure_aggregation and name != "dp_fedavg":
         raise PrivacyConfigError(f"--secure_aggregation needs client-level DP-FedAvg (--privacy_unit=client, "
                                  f"--mechanism=dp_fedavg); this run's mechanism is {name}")
+    if cfg.privacy.aggregation != "mean" and name != "dp_fedavg":
+        raise PrivacyConfigError(f"--aggregation={cfg.privacy.aggregation} runs in the cohort round of "
+                                 f"--mechanism=dp_fedavg (without DP: --noise_multiplier=0); this run's mechanism is "
+                                 f"{name}")
+    if cfg.meta_learning != "none" and name not in ("dp_fedavg", "dp_ftrl"):
+        raise PrivacyConfigError(f"--meta_learning={cfg.meta_learning} changes the clients' work in the cohort "
+                                 f"round of dp_fedavg and dp_ftrl (client level); this run's mechanism is {name}")
     return REGISTRY[name].resolve(cfg, task)
 
 

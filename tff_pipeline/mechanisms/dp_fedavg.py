@@ -55,6 +55,8 @@ class DPFedAvgAdaptive(Mechanism):
     clip_learning_rate: float = 0.2
     secure_aggregation: bool = False
     secure_sum_bound: float = 100.0
+    aggregation: str = "mean"
+    attention_temperature: float = 1.0
 
     name: ClassVar[str] = "dp_fedavg"
     title: ClassVar[str] = "DP-FedAvg with adaptive clipping (Andrew et al. 2021), TFF gaussian_adaptive aggregator"
@@ -69,6 +71,17 @@ class DPFedAvgAdaptive(Mechanism):
             raise PrivacyConfigError(f"--clipped_count_stddev={self.clipped_count_stddev} must be >= 0")
         check_adaptive_clipping(self.noise_multiplier, self.clients_per_round, self.clipped_count_stddev,
                                 self.population)
+        if self.aggregation not in ("mean", "attentive"):
+            raise PrivacyConfigError(f"--aggregation={self.aggregation!r} must be mean or attentive")
+        if self.aggregation == "attentive" and self.is_private:
+            raise PrivacyConfigError(
+                f"--aggregation=attentive (FedAtt) weighs each client by its own and every other client's update, "
+                f"so one client changes all the weights and the clip norm no longer bounds its effect: client-level "
+                f"DP (here noise multiplier {self.noise_multiplier:.4g}) cannot be claimed for it; run FedAtt "
+                f"without DP (--noise_multiplier=0) or keep DP with --aggregation=mean")
+        if self.aggregation == "attentive" and self.secure_aggregation:
+            raise PrivacyConfigError("--aggregation=attentive needs each client's update norms on the server, which "
+                                     "--secure_aggregation hides; drop one of the two")
         if self.secure_aggregation and self.initial_clip > self.secure_sum_bound:
             raise PrivacyConfigError(
                 f"--secure_sum_bound={self.secure_sum_bound:g} is below --initial_clip={self.initial_clip:g}: the "
@@ -147,7 +160,8 @@ class DPFedAvgAdaptive(Mechanism):
             calib = calibration(cfg, z)
         return Resolved(cls(task.population, p.clients_per_round, z, p.delta, p.sampling, p.clipped_count_stddev,
                             p.initial_clip, p.target_unclipped_quantile, p.clip_learning_rate,
-                            p.secure_aggregation, p.secure_sum_bound), calib)
+                            p.secure_aggregation, p.secure_sum_bound, p.aggregation, p.attention_temperature),
+                        calib)
 
     released_by_mechanism: ClassVar[tuple[str, ...]] = (
         "the adaptive clip norm of each round (a function of the noisy aggregates; it is in operator/metrics.csv "
@@ -165,10 +179,29 @@ class DPFedAvgAdaptive(Mechanism):
         return (" (the secret sampling outcome: released, it would void the amplification by sampling that ε relies "
                 "on)." if sampling_secret else " (reproducible from --public_sampling_seed; see the sampling note).")
 
+    @property
+    def attentive(self) -> bool:
+        return self.aggregation == "attentive"
+
+    @property
+    def one_client_per_shard(self) -> bool:
+        """A shard sums its clients in plaintext before the aggregation: secure aggregation must see each client's
+        update as its own value, and FedAtt must weigh each client's update on its own."""
+        return self.secure_aggregation or self.attentive
+
+    def aggregation_section(self) -> dict[str, Any]:
+        if not self.attentive:
+            return {"rule": "mean", "description": "FedAvg: the mean of the clients' clipped updates, with the "
+                                                   "DP query's noise"}
+        return {"rule": "attentive", "temperature": self.attention_temperature,
+                "description": "FedAtt (Ji et al. 2019): for every weight tensor, the clients' updates weighted by "
+                               "a softmax over their distances to the server model; not clipped, no noise"}
+
     def report_extras(self, entries) -> dict[str, Any]:
         return {"update_noise_multiplier": self.update_noise_multiplier,
                 "clipped_count_stddev": self.effective_clipped_count_stddev,
-                "secure_aggregation": self.secure_aggregation_section()}
+                "secure_aggregation": self.secure_aggregation_section(),
+                "aggregation": self.aggregation_section()}
 
     def secure_aggregation_section(self) -> dict[str, Any]:
         """Who sees a client's clipped update: the report's trust model (README, "Who sees what")."""
@@ -213,6 +246,10 @@ class DPFedAvgAdaptive(Mechanism):
         }
 
     def report_rows(self) -> list[tuple[str, Any]]:
+        if self.attentive:
+            return [("Aggregation", f"attentive (FedAtt, Ji et al. 2019; temperature {self.attention_temperature:g})"
+                                    f": updates weighted by a softmax over their distances to the server model, "
+                                    f"not clipped, no noise")]
         rows = [("Noise multiplier on updates", f"{self.update_noise_multiplier:.6g}"),
                 ("Clipped-count noise stddev", f"{self.effective_clipped_count_stddev:.6g}"),
                 ("Secure aggregation", f"yes: the server saw only the cohort's sum (32-bit, bound "
@@ -260,6 +297,7 @@ def train_metrics(m: dict[str, float]) -> dict[str, float]:
         train["fraction_clipped"] = m["client_work/fraction_clipped"]
     for k, v in m.items():
         if k.endswith(("non_finite_updates_zeroed", "non_finite_examples_zeroed", "dp_query_metrics/update_norm",
+                       "fedatt/max_weight", "fedatt/effective_clients",
                        "dp_query_metrics/expected_noise_norm", "secure_upper_clipped_count",
                        "secure_lower_clipped_count")):
             train[k.split("/")[-1]] = v
