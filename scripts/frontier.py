@@ -36,8 +36,6 @@ def main(argv):
     from tff_pipeline import frontier
 
     cfg = cli.config_from_flags(FLAGS)
-    if __name__ == "__main__" and cfg.privacy.mechanism == "distributed_dp":
-        cli.reexec_with_python_protobuf()  # as scripts/train.py: TFF's distributed-DP computation is too deep for upb
     epsilons = frontier.parse_epsilons(FLAGS.epsilons)
     try:
         seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]

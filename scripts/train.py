@@ -20,8 +20,6 @@ FLAGS = flags.FLAGS
 def main(argv):
     cli.check_no_extra_args(argv)
     cfg = cli.config_from_flags(FLAGS)
-    if __name__ == "__main__" and cfg.privacy.mechanism == "distributed_dp":
-        cli.reexec_with_python_protobuf()  # TFF's distributed-DP computation is too deep for upb's parser
     from tff_pipeline.train import run
 
     summary = run(cfg, overwrite=FLAGS.overwrite)

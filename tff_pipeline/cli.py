@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 
 from tff_pipeline import config
+from tff_pipeline.errors import UserError  # every user mistake derives from it
 
 
 def define_flags() -> None:
@@ -31,23 +32,6 @@ def check_no_extra_args(argv) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a --flag (see --help)")
 
-
-PYTHON_PROTOBUF = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
-
-
-def reexec_with_python_protobuf() -> None:
-    """Runs this script again with protobuf's pure-Python implementation, unless it already has it. TFF 0.87's
-    computation for ``DistributedDpSumFactory`` inside a learning process nests deeper than the default (upb)
-    parser accepts ("DecodeError: Error parsing message" while building it); the pure-Python one parses it.
-    It makes TFF's first trace of a round slower (README, "Who sees what")."""
-    from google.protobuf.internal import api_implementation
-
-    if api_implementation.Type() != "python":
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, PYTHON_PROTOBUF: "python"})
-
-
-from tff_pipeline.errors import UserError  # noqa: E402  (every user mistake derives from it)
 
 
 def main(fn, needs_tensorflow: bool = True) -> None:

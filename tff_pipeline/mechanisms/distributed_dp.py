@@ -186,7 +186,7 @@ class DistributedDDG(Mechanism):
 
         z, calib = calibrated(make, cfg)
         mech = make(z)
-        check_python_protobuf()  # here, before a run directory is touched, not when the process is built
+        allow_deep_protos()  # before TFF builds (and parses) the process
         return Resolved(mech, calib)
 
     population_sets: ClassVar[str] = "the sampling rate q (not used by the accounting, which claims no amplification)"
@@ -292,16 +292,21 @@ class DistributedDDG(Mechanism):
         return "" if rho is None else f"; as zero-concentrated DP, ρ = {rho:.4g}"
 
 
-def check_python_protobuf() -> None:
-    """TFF 0.87 builds this mechanism's learning process deeper than protobuf's default (upb) parser accepts;
-    scripts/train.py and scripts/frontier.py re-run themselves with the pure-Python one (cli.reexec_with_python_protobuf)."""
+def allow_deep_protos() -> None:
+    """TFF 0.87 builds this mechanism's learning process as a computation proto nested deeper than protobuf's
+    C parsers accept by default (upb's depth limit of 100: "DecodeError: Error parsing message"). Their
+    ``SetAllowOversizeProtos(True)`` lifts the depth (and 64 MB size) limit for this process; TFF parses only
+    protos it serialised itself. The pure-Python parser has no such limit (nothing to do)."""
     from google.protobuf.internal import api_implementation
 
-    if api_implementation.Type() != "python":
-        raise PrivacyConfigError(
-            "--mechanism=distributed_dp needs PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in the environment: "
-            "TFF 0.87's distributed-DP computation nests deeper than the default protobuf parser accepts "
-            "(scripts/train.py sets it itself)")
+    kind = api_implementation.Type()
+    if kind == "upb":
+        from google._upb import _message
+    elif kind == "cpp":
+        from google.protobuf.pyext import _message
+    else:
+        return
+    _message.SetAllowOversizeProtos(True)
 
 
 def trained_coordinates(task, cfg) -> int:
