@@ -1,5 +1,6 @@
 """Benchmark seconds per round: our DP-FedAvg, TFF's stock builder with the
-same DP aggregator, and central Keras training of the same examples.
+same DP aggregator, and central Keras training of the same examples (the
+limit: pre-batched tensors in one traced loop; and the same fed by tf.data).
 
   python scripts/bench.py --workload=w1 --output=bench-w1.json
   make bench                      # every workload, JSON in bench/
@@ -24,8 +25,10 @@ flags.DEFINE_string("clients_per_round", "0", "Override the workload's clients p
                     "e.g. 10,25,50: measure each and fit seconds per client (the slope) for each variant.")
 flags.DEFINE_integer("population", 1000, "Synthetic workloads (w1, w2): clients to sample from; their data is "
                      "built per round from the sampled ids, so memory should not grow with this.")
-flags.DEFINE_string("variants", "pipeline,per_client,tff_stock,central",
-                    "Comma-separated: pipeline (ours), per_client (ours before the cohort round), tff_stock, central.")
+flags.DEFINE_string("variants", "pipeline,per_client,tff_stock,central,central_tfdata",
+                    "Comma-separated, in any order: pipeline (ours), per_client (ours before the cohort round), "
+                    "tff_stock, central (the limit: pre-batched tensors in one traced loop; ratios are to it), "
+                    "central_tfdata (the same pass fed by tf.data).")
 flags.DEFINE_string("workers", "", "HOST:PORT,... of running TFF worker services (empty: one local worker).")
 flags.DEFINE_string("output", "", "Write the results as JSON here.")
 FLAGS = flags.FLAGS

@@ -7,8 +7,14 @@
   ``gaussian_adaptive``), kept as the "before" column;
 * ``tff_stock``: TFF's ``build_unweighted_fed_avg`` with the same
   ``gaussian_adaptive`` DP aggregator and optimizers;
-* ``central``: the same round's examples trained in one Keras ``tf.function``
-  loop (one pass, same batch size and client learning rate): the limit.
+* ``central``: the limit, the fastest honest central pass: the round's
+  examples, already in memory as one pre-batched tensor ([steps, batch, ...],
+  built untimed like the client datasets), trained by one traced loop
+  (``tf.range`` over the steps) with the same model, loss, SGD learning rate
+  and batch size, no ``tf.data`` in the loop;
+* ``central_tfdata``: the same pass fed by a ``tf.data`` concatenation of
+  the cohort's datasets (the bench's "central" until 2026-12-06), a second
+  reference.
 
 Each round's client datasets are built once, untimed, and every variant
 trains on them in turn (interleaved round by round, so drift in machine speed
@@ -188,11 +194,54 @@ def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
     return run
 
 
+class _CentralBatched:
+    """One pass of plain SGD over the round's examples as pre-batched tensors in one traced loop: the limit.
+    ``prepare`` (untimed, as the bench's client datasets are) turns the cohort's datasets into one [steps, B, ...]
+    tensor of full batches of B (the cohort's examples in client order) and a last partial batch if any."""
+
+    def __init__(self, task, cfg: TrainConfig):
+        import tensorflow as tf
+
+        self.batch_size = cfg.batch_size
+        model = task.build_model()
+        loss_fn = task.loss()
+        opt = tf.keras.optimizers.SGD(cfg.client_learning_rate)
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+        @tf.function(reduce_retracing=True)
+        def epoch(xs, ys, x_last, y_last):
+            for i in tf.range(tf.shape(xs)[0]):
+                step(xs[i], ys[i])
+            if tf.shape(x_last)[0] > 0:
+                step(x_last, y_last)
+
+        self.epoch = epoch
+
+    def prepare(self, datasets):
+        import tensorflow as tf
+
+        xs = [x.numpy() for ds in datasets for x, _ in ds]
+        ys = [y.numpy() for ds in datasets for _, y in ds]
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        full = len(x) // self.batch_size * self.batch_size
+        b = self.batch_size
+        return (tf.constant(x[:full].reshape((-1, b) + x.shape[1:])), tf.constant(y[:full].reshape((-1, b) + y.shape[1:])),
+                tf.constant(x[full:]), tf.constant(y[full:]))
+
+    def __call__(self, prepared) -> None:
+        self.epoch(*prepared)
+
+
 def _count_examples(datasets) -> int:
     return int(sum(int(np.shape(x)[0]) for ds in datasets for x, _ in ds))
 
 
-VARIANTS = ("pipeline", "per_client", "tff_stock", "central")
+VARIANTS = ("pipeline", "per_client", "tff_stock", "central", "central_tfdata")
+CENTRAL = ("central", "central_tfdata")  # Keras models: built after every TFF process (see _build_variants)
 
 
 def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: int = 10, log=print,
@@ -235,9 +284,11 @@ def _build_variants(w: Workload, pcfg, variants, num_workers: int, mem: dict):
     # Central's Keras model is built last, whatever the order asked for: building a TFF process makes Keras models
     # inside a tf.Graph, which invalidates every model made eagerly before it ("Your Layer or Model is in an
     # invalid state"). The rounds still run in the order asked for.
-    for variant in sorted(variants, key=lambda v: v == "central"):
+    for variant in sorted(variants, key=lambda v: v in CENTRAL):
         t0, m0 = time.monotonic(), _rss_mb()
         if variant == "central":
+            steps[variant] = _CentralBatched(w.task, w.cfg)
+        elif variant == "central_tfdata":
             steps[variant] = _central_round(w.task, w.cfg)
         else:
             if variant == "pipeline":
@@ -259,8 +310,9 @@ def _time_rounds(w: Workload, steps: dict, cohorts, mem: dict, log):
         if r:
             examples.append(_count_examples(data))
         for variant, step in steps.items():
+            feed = step.prepare(data) if hasattr(step, "prepare") else data  # untimed, like building ``data``
             m0, t = _rss_mb(), time.monotonic()
-            step(data)
+            step(feed)
             dt = time.monotonic() - t
             mem[variant]["rounds_mb"] += max(0.0, _rss_mb() - m0)  # growth while this variant ran
             if r:
