@@ -50,17 +50,20 @@ def test_shards_keep_clients_whole_in_order_and_give_empty_clients_one_empty_bat
 
     from tff_pipeline import cohort
 
-    datasets = [tf.data.Dataset.from_tensor_slices(np.full((n, 2), i, np.float32)).batch(2) for i, n in
-                enumerate([3, 0, 4, 1, 2])]
+    datasets = [tf.data.Dataset.from_tensor_slices((np.full((n, 2), i, np.float32), np.full((n,), i, np.int32)))
+                .batch(2) for i, n in enumerate([3, 0, 4, 1, 2])]
     shards = cohort.shard_datasets(datasets, 2)
     assert len(shards) == 2
-    got = [[(int(s), x.shape[0], float(x[0, 0]) if x.shape[0] else None) for s, x in ds] for ds in shards]
+    # (slot, batch size, first value) of each step; every batch padded to the cohort's largest (2)
+    got = [[(int(s), int(n), float(x[0, 0]) if n else None) for s, n, x in zip(*shard[:3])] for shard in shards]
     assert got == [[(0, 2, 0.0), (0, 1, 0.0), (1, 0, None)],
                    [(2, 2, 2.0), (2, 2, 2.0), (3, 1, 3.0), (4, 2, 4.0)]]
+    slots, sizes, x, y = shards[1]
+    assert x.shape == (4, 2, 2) and y.shape == (4, 2) and x.dtype == np.float32 and y.dtype == np.int32
+    assert (x[2, 1] == 0).all() and y[2, 0] == 3  # the padding of client 3's single-example batch
     assert len(cohort.shard_datasets(datasets, 9)) == 5 and cohort.shard_datasets([], 2) == []
-    # Every shard, and an empty cohort's, is fed with tf.data's autotuning off (it stalled rounds: README "Speed").
-    for ds in [*shards, *cohort.empty_shards(datasets[0].element_spec)]:
-        assert ds.options().autotune.enabled is False
+    (empty,) = cohort.empty_shards(datasets[0].element_spec)
+    assert [a.shape[0] for a in empty] == [0, 0, 0, 0]
 
 
 def test_cohort_round_equals_tff_per_client_round_without_noise(small):
@@ -227,9 +230,9 @@ def test_dp_ftrl_tree_noise_comes_from_the_given_secret_seeds_and_restarts(small
     assert np.std(a) == pytest.approx(2.0 * 0.05 / 8, rel=0.08)
 
 
-def test_a_shard_is_iterated_without_reduce_dataset(small):
-    """AutoGraph turns `for b in dataset` into ReduceDataset, which instantiates its body (the model's training
-    step) on every call: 0.2 s of a 0.37 s medical round. The shard loop must be an iterator loop."""
+def test_a_shard_is_one_traced_loop_over_tensors_without_tf_data(small):
+    """The shard's steps are pre-batched tensors and one while loop trains on them: no dataset op (a
+    ReduceDataset instantiated the training step on every call; an iterator fed every step through tf.data)."""
     import tensorflow_federated as tff
 
     from tff_pipeline import cohort
@@ -237,8 +240,8 @@ def test_a_shard_is_iterated_without_reduce_dataset(small):
     task, cfg = small
     proto = tff.framework.ConcreteComputation.get_proto(cohort.build_process(task, cfg, _pcfg(cfg, task)).next)
     graphs = proto.SerializeToString()
-    assert b"ReduceDataset" not in graphs
-    assert b"IteratorGetNext" in graphs
+    assert b"ReduceDataset" not in graphs and b"IteratorGetNext" not in graphs and b"Dataset" not in graphs
+    assert b"While" in graphs
 
 
 def test_fedatt_cohort_round_equals_tff_fed_avg_with_the_fedatt_factory(small):

@@ -215,6 +215,7 @@ class _CentralBatched:
         @tf.function(reduce_retracing=True)
         def epoch(xs, ys, x_last, y_last):
             for i in tf.range(tf.shape(xs)[0]):
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # steps in order (cohort.py)
                 step(xs[i], ys[i])
             if tf.shape(x_last)[0] > 0:
                 step(x_last, y_last)
