@@ -38,9 +38,9 @@ def test_a_secure_round_computes_what_the_plaintext_round_does(keyboard_task):
     from tff_pipeline import cohort
 
     ids = list(range(6))
+    data = [keyboard_task.client_dataset(i, 0) for i in ids]
     results, start = {}, None
     for secure in (False, True):
-        data = [keyboard_task.client_dataset(i, 0) for i in ids]  # afresh: each iteration of one reshuffles
         _, _, process = _process(keyboard_task, secure, noise_multiplier=0.0, clients_per_round=6,
                                  initial_clip=0.05)
         state = process.initialize()

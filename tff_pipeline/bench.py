@@ -8,10 +8,10 @@
 * ``tff_stock``: TFF's ``build_unweighted_fed_avg`` with the same
   ``gaussian_adaptive`` DP aggregator and optimizers;
 * ``central``: the limit, the fastest honest central pass: the round's
-  examples, already in memory as one pre-batched tensor ([steps, batch, ...],
-  built untimed like the client datasets), trained by one traced loop
-  (``tf.range`` over the steps) with the same model, loss, SGD learning rate
-  and batch size, no ``tf.data`` in the loop;
+  batches (the same steps and batch sizes as the clients'), already in memory
+  as one pre-batched tensor ([steps, batch, ...], built untimed like the
+  client datasets), trained by one traced loop (``tf.range`` over the steps)
+  with the same model, loss and SGD learning rate, no ``tf.data`` in the loop;
 * ``central_tfdata``: the same pass fed by a ``tf.data`` concatenation of
   the cohort's datasets (the bench's "central" until 2026-12-06), a second
   reference.
@@ -195,43 +195,41 @@ def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
 
 
 class _CentralBatched:
-    """One pass of plain SGD over the round's examples as pre-batched tensors in one traced loop: the limit.
-    ``prepare`` (untimed, as the bench's client datasets are) turns the cohort's datasets into one [steps, B, ...]
-    tensor of full batches of B (the cohort's examples in client order) and a last partial batch if any."""
+    """One pass of plain SGD over the round's batches as pre-batched tensors in one traced loop: the limit.
+    ``prepare`` (untimed, as the bench's client datasets are) stacks the cohort's batches, in client order and as
+    the clients batch them (the same steps and batch sizes as the round), padded to the largest: x [S, B, ...],
+    with each step's size; step i trains on x[i][:size_i]."""
 
     def __init__(self, task, cfg: TrainConfig):
         import tensorflow as tf
 
-        self.batch_size = cfg.batch_size
         model = task.build_model()
         loss_fn = task.loss()
         opt = tf.keras.optimizers.SGD(cfg.client_learning_rate)
 
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=True))
-            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-
         @tf.function(reduce_retracing=True)
-        def epoch(xs, ys, x_last, y_last):
-            for i in tf.range(tf.shape(xs)[0]):
-                tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # steps in order (cohort.py)
-                step(xs[i], ys[i])
-            if tf.shape(x_last)[0] > 0:
-                step(x_last, y_last)
+        def epoch(sizes, xs, ys):
+            for i in tf.range(tf.shape(sizes)[0]):
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # one step after another
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(ys[i][:sizes[i]], model(xs[i][:sizes[i]], training=True))
+                opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
 
         self.epoch = epoch
 
     def prepare(self, datasets):
         import tensorflow as tf
 
-        xs = [x.numpy() for ds in datasets for x, _ in ds]
-        ys = [y.numpy() for ds in datasets for _, y in ds]
-        x, y = np.concatenate(xs), np.concatenate(ys)
-        full = len(x) // self.batch_size * self.batch_size
-        b = self.batch_size
-        return (tf.constant(x[:full].reshape((-1, b) + x.shape[1:])), tf.constant(y[:full].reshape((-1, b) + y.shape[1:])),
-                tf.constant(x[full:]), tf.constant(y[full:]))
+        batches = [b for ds in datasets for b in ds.as_numpy_iterator()]
+        width = max(len(x) for x, _ in batches)
+
+        def stack(part):
+            out = np.zeros((len(batches), width) + batches[0][part].shape[1:], batches[0][part].dtype)
+            for i, b in enumerate(batches):
+                out[i, :len(b[part])] = b[part]
+            return tf.constant(out)
+
+        return tf.constant([len(x) for x, _ in batches], tf.int32), stack(0), stack(1)
 
     def __call__(self, prepared) -> None:
         self.epoch(*prepared)
