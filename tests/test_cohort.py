@@ -272,7 +272,7 @@ def test_fedatt_cohort_round_equals_tff_fed_avg_with_the_fedatt_factory(small):
         out = ours.next(s_ours, cohort.shard_datasets(data, len(data)))
         s_stock, s_ours = out_stock.state, out.state
         for a, b in zip(ours.get_model_weights(s_ours).trainable, stock.get_model_weights(s_stock).trainable):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6)  # float order differs; exp(s/T) scales it by 1/T
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)  # float order differs; exp(s/T) scales it by 1/T
         att = out.metrics["aggregator"]["fedatt"]
         assert att == pytest.approx(out_stock.metrics["aggregator"], rel=1e-5)
         assert 1.0 < att["effective_clients"] < 7.9 and att["max_weight"] > 1 / 8 + 0.01  # not uniform

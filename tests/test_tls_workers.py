@@ -99,10 +99,11 @@ def tls_workers(tmp_path_factory):
         for p in procs:
             p.send_signal(signal.SIGINT)
         for p in procs:
-            try:
-                p.wait(60)  # a loaded machine (the suite on 2 cores) has taken over 30 s
+            try:  # communicate, not wait: it drains the pipes, which a worker blocked on a full one cannot
+                p.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.communicate()
     assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
 
 
