@@ -274,7 +274,7 @@ def test_fedatt_cohort_round_equals_tff_fed_avg_with_the_fedatt_factory(small):
         for a, b in zip(ours.get_model_weights(s_ours).trainable, stock.get_model_weights(s_stock).trainable):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)  # float order differs; exp(s/T) scales it by 1/T
         att = out.metrics["aggregator"]["fedatt"]
-        assert att == pytest.approx(out_stock.metrics["aggregator"], rel=1e-5)
+        assert att == pytest.approx(out_stock.metrics["aggregator"], rel=1e-4)
         assert 1.0 < att["effective_clients"] < 7.9 and att["max_weight"] > 1 / 8 + 0.01  # not uniform
         if r == 1:  # from the same start, FedAvg's unweighted mean (no clipping at this clip) differs
             m = mean.next(s_mean, data)
