@@ -236,9 +236,10 @@ def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartab
 
     from tff_pipeline import dp_fedavg
 
-    @tff.tensorflow.computation
-    def plain_params():
-        return query.derive_sample_params(query.initial_global_state())
+    if fedatt:
+        @tff.tensorflow.computation
+        def plain_params():  # the sum query's (empty) sample params; only FedAtt's process needs them
+            return query.derive_sample_params(query.initial_global_state())
 
     metrics_agg = (tff.learning.metrics.secure_sum_then_finalize if secure else
                    tff.learning.metrics.sum_then_finalize)(metric_finalizers)
