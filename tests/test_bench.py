@@ -27,3 +27,23 @@ def test_bench_bad_variant_is_one_line(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == \
         "error: --variants='fast': choose from pipeline, per_client, tff_stock, central, central_tfdata"
+
+
+def test_the_central_limit_trains_what_the_round_trains():
+    """The limit's model has the round's trainable weights (--freeze_layers), and its step is plain SGD."""
+    import numpy as np
+
+    from tff_pipeline import bench, dp_fedavg
+
+    w = bench.w1(population=4, clients_per_round=2)
+    cfg = w.cfg.replace(freeze_layers="token_embedding,logits")
+    model = bench._central_model(w.task, cfg)
+    ours = dp_fedavg.build_keras_model(w.task, cfg.frozen_layers)
+    assert [v.shape for v in model.trainable_variables] == [v.shape for v in ours.trainable_variables]
+    assert not any(n.startswith(("token_embedding", "logits")) for n in (v.name for v in model.trainable_variables))
+    x, y = w.task.client_dataset(0, 0).take(1).get_single_element()
+    frozen = [v.numpy() for v in model.non_trainable_variables]
+    before = [v.numpy() for v in model.trainable_variables]
+    bench._central_step(model, w.task.loss(), 0.5)(x, y)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(frozen, model.non_trainable_variables))
+    assert any(not np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables))

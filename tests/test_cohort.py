@@ -144,6 +144,41 @@ def test_an_update_whose_norm_overflows_is_zeroed():
     assert np.isnan(clipped[0].numpy()).all()
 
 
+def test_a_nan_or_inf_entry_makes_an_update_unusable():
+    import tensorflow as tf
+
+    from tff_pipeline import dp_fedavg
+
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not bool(dp_fedavg.is_usable_update([tf.constant([1.0, 2.0]), tf.constant([0.5, bad], tf.float32)]))
+    assert bool(dp_fedavg.is_usable_update([tf.constant([1.0, 2.0]), tf.zeros([3])]))
+
+
+def test_the_token_loss_taken_from_the_batch_loss_is_the_metric():
+    """The cohort step adds the keyboard's token loss from the batch loss it already has (no second softmax):
+    the same totals as the metric's own update, for the loss it equals and no other."""
+    import tensorflow as tf
+
+    from tff_pipeline import models
+
+    rng = np.random.default_rng(3)
+    logits = tf.constant(rng.normal(size=(4, 7, 50)) * 3, tf.float32)
+    y = rng.integers(1, 50, size=(4, 7)).astype(np.int32)
+    y[:, 5:] = 0  # padding
+    y[3] = 0  # a row of padding only
+    own, taken = models.MaskedTokenLoss(0), models.MaskedTokenLoss(0)
+    loss_fn = models.MaskedSparseCrossEntropy(0)
+    assert taken.same_as_loss(loss_fn)
+    assert not taken.same_as_loss(models.MaskedSparseCrossEntropy(1))
+    assert not taken.same_as_loss(tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for rows in (slice(0, 2), slice(2, 4), slice(3, 4)):
+        own.update_state(y[rows], logits[rows])
+        taken.update_from_loss(y[rows], loss_fn(y[rows], logits[rows]))
+    for a, b in zip(own.variables, taken.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6)
+    assert own.count.numpy() == (y != 0).sum()
+
+
 def test_clients_with_overflowing_updates_leave_the_model_finite(small):
     """Clients with one batch each and a client learning rate of 1e25: one
     SGD step gives a delta with finite entries whose L2 norm overflows

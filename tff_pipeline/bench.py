@@ -168,52 +168,73 @@ def real_task(name: str, config_file: str, clients_per_round: int = 0) -> Worklo
                     f"{name} task, {config_file}, {cpr} clients per round")
 
 
-def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
-    """One pass of plain Keras SGD over the round's examples: the limit."""
+def _central_model(task, cfg: TrainConfig):
+    """The round's Keras model with the round's trainable weights (--freeze_layers, or only the adapters): the
+    limit trains what the round trains, no more."""
+    from tff_pipeline import dp_fedavg
+
+    return dp_fedavg.build_keras_model(task, cfg.frozen_layers)
+
+
+def _central_step(model, loss_fn, lr: float):
+    """One central SGD step on a batch: the clients' loss and update (``cohort.apply_sgd``), without metrics."""
     import tensorflow as tf
 
-    model = task.build_model()
-    loss_fn = task.loss()
-    opt = tf.keras.optimizers.SGD(cfg.client_learning_rate)
+    from tff_pipeline import cohort
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([loss_fn(y, model(x, training=True))] + model.losses)
+        cohort.apply_sgd(model.trainable_variables, tape.gradient(loss, model.trainable_variables), lr)
+
+    return step
+
+
+def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
+    """One pass of plain SGD over the round's examples as one tf.data concatenation in one traced loop (the
+    second reference: the bench's limit before 2026-12-06)."""
+    import tensorflow as tf
+
+    from tff_pipeline import cohort
+
+    model = _central_model(task, cfg)
+    step = _central_step(model, task.loss(), cohort.client_learning_rate(cfg))
 
     @tf.function(reduce_retracing=True)
     def epoch(ds):  # the whole pass in one traced loop, as TFF's client work runs it
         for x, y in iter(ds):  # an iterator, not ReduceDataset (see cohort._make_shard_update)
-            with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=True))
-            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            step(x, y)
 
     def run(datasets):
-        from tff_pipeline.cohort import without_autotune
-
         ds = datasets[0]
         for d in datasets[1:]:
             ds = ds.concatenate(d)
-        epoch(without_autotune(ds))  # as our shards are fed (cohort.without_autotune)
+        epoch(cohort.without_autotune(ds))  # as our shards are fed (cohort.without_autotune)
 
     return run
 
 
 class _CentralBatched:
     """One pass of plain SGD over the round's batches as pre-batched tensors in one traced loop: the limit.
-    ``prepare`` (untimed, as the bench's client datasets are) stacks the cohort's batches, in client order and as
-    the clients batch them (the same steps and batch sizes as the round), padded to the largest: x [S, B, ...],
-    with each step's size; step i trains on x[i][:size_i]."""
+    The same model, trainable weights, loss, update (``cohort.apply_sgd``), learning rate and batches as the
+    round, without its per-client work (reset, delta, clip, sum) and training metrics. ``prepare`` (untimed, as
+    the bench's client datasets are) stacks the cohort's batches, in client order and as the clients batch them
+    (the same steps and batch sizes as the round), padded to the largest: x [S, B, ...], with each step's size;
+    step i trains on x[i][:size_i]."""
 
     def __init__(self, task, cfg: TrainConfig):
         import tensorflow as tf
 
-        model = task.build_model()
-        loss_fn = task.loss()
-        opt = tf.keras.optimizers.SGD(cfg.client_learning_rate)
+        from tff_pipeline import cohort
+
+        model = _central_model(task, cfg)
+        step = _central_step(model, task.loss(), cohort.client_learning_rate(cfg))
 
         @tf.function(reduce_retracing=True)
         def epoch(sizes, xs, ys):
             for i in tf.range(tf.shape(sizes)[0]):
                 tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # one step after another
-                with tf.GradientTape() as tape:
-                    loss = loss_fn(ys[i][:sizes[i]], model(xs[i][:sizes[i]], training=True))
-                opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+                step(xs[i][:sizes[i]], ys[i][:sizes[i]])
 
         self.epoch = epoch
 

@@ -313,8 +313,9 @@ def _assemble(cfg, weights_type, shard_type, metric_finalizers, query, restartab
 
 def _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr: float) -> None:
     """One local SGD step of a client on ``batch``, updating TFF's metrics as its forward_pass would, except that
-    the loss metric takes this batch loss instead of computing it again. (An empty batch stands for a client
-    without data: Keras gives it loss 0 and zero gradients, and it is kept out of the metrics.)"""
+    the loss metric, and a metric that equals the loss (``same_as_loss``), take this batch loss instead of
+    computing it again. (An empty batch stands for a client without data: Keras gives it loss 0 and zero
+    gradients, and it is kept out of the metrics.)"""
     import tensorflow as tf
 
     x, y = batch
@@ -326,9 +327,19 @@ def _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr: float) -> Non
         for m in metrics:
             if m.name == "loss":
                 tf.keras.metrics.Mean.update_state(m, batch_loss, tf.shape(predictions)[0])
+            elif getattr(m, "same_as_loss", lambda _: False)(loss_fn):  # keyboard's token loss: no second softmax
+                m.update_from_loss(y, batch_loss)
             else:
                 m.update_state(y, predictions)
-    for v, g in zip(trainable, tape.gradient(loss, trainable)):
+    apply_sgd(trainable, tape.gradient(loss, trainable), lr)
+
+
+def apply_sgd(trainable, grads, lr: float) -> None:
+    """Plain SGD, ``v -= lr * g``, on the variables that have a gradient (embeddings: only the rows used). The
+    clients' step, and the bench's central limit (tff_pipeline.bench), so both run the same update."""
+    import tensorflow as tf
+
+    for v, g in zip(trainable, grads):
         if g is None:
             continue
         if isinstance(g, tf.IndexedSlices):  # embeddings: touch only the rows used
@@ -339,16 +350,15 @@ def _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr: float) -> Non
 
 def _add_clipped_record(query, params, acc, zeroed, initial, trainable) -> None:
     """Adds a finished client's update (broadcast minus local weights), clipped by the DP query, to ``acc``. An
-    update that is not finite (entries or norm) is replaced by zeros; it and an all-zero one are counted."""
+    update whose L2 norm is not finite (a NaN or Inf entry, or finite entries whose norm overflows) is replaced by
+    zeros; it and one of norm zero are counted. One pass for the norm, none to copy a usable update."""
     import tensorflow as tf
 
-    from tff_pipeline import dp_fedavg
-
     delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
-    finite = dp_fedavg.is_usable_update(delta)  # entries and norm finite
-    all_zero = tf.reduce_all([tf.reduce_all(tf.equal(d, 0)) for d in delta])
-    delta = [tf.where(finite, d, tf.zeros_like(d)) for d in delta]
-    zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), all_zero), tf.int32))
+    norm = tf.linalg.global_norm(delta)
+    finite = tf.math.is_finite(norm)  # = dp_fedavg.is_usable_update(delta): a NaN or Inf entry makes it NaN or Inf
+    zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), tf.equal(norm, 0.0)), tf.int32))
+    delta = tf.cond(finite, lambda: delta, lambda: [tf.zeros_like(d) for d in delta])
     record = query.preprocess_record(params, tuple(delta))
     summed = query.accumulate_preprocessed_record(tf.nest.map_structure(tf.identity, acc), record)
     tf.nest.map_structure(lambda v, t: v.assign(t), acc, summed)

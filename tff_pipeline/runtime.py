@@ -160,6 +160,41 @@ def _no_worker(address: str, why: str):
                        f"(README, 'Remote workers') or fix the address")
 
 
+def compile_for_worker(comp):
+    """TFF's native compilation (``desugar_and_transform_to_native``: intrinsics to TensorFlow, call-dominant
+    form, cache ids) with TensorFlow's graph optimizer left to the worker.
+
+    TFF runs Grappler once on each graph as it compiles (inlining every function), then marks every function
+    call ``disable_meta_optimizer``; its worker's sessions run with the optimizer off. Our training loop (a
+    ``tf.function`` inside the shard computation) then ran as traced, unoptimised: a keyboard round took 1.27x
+    the same function called in Python, W1 about 1.2x. TFF does this because its sessions are short and
+    optimising them costs CPU (and inlining places datasets on CPU for GPU runs); ours are few, cached, run for
+    seconds on CPU. Here neither step runs, so each function is optimised by the worker when first
+    instantiated, as in Python: the keyboard round went to 1.03x the Python call (README, "Speed").
+
+    TFF's C++ runtime cannot run the secure-sum intrinsics (--secure_aggregation): as TFF's test backend does,
+    they become their own quantisation, clipping and modular arithmetic, without the cryptography. A
+    computation without them is unchanged."""
+    from tensorflow_federated.python.core.backends.native import compiler
+    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+    from tensorflow_federated.python.core.environments.tensorflow_backend import (
+        compiled_computation_transformations as transformations, tensorflow_tree_transformations)
+    from tensorflow_federated.python.core.impl.computation import computation_impl
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+    desugared, _ = tensorflow_tree_transformations.replace_intrinsics_with_bodies(comp.to_building_block())
+    disable = transformations.transform_tf_call_ops_to_disable_grappler
+    transformations.transform_tf_call_ops_to_disable_grappler = lambda c: (c, False)  # the one step without a flag
+    try:
+        return compiler.transform_to_native_form(
+            computation_impl.ConcreteComputation(computation_proto=desugared.proto,
+                                                 context_stack=context_stack_impl.context_stack),
+            grappler_config=None)  # no static Grappler pass
+    finally:
+        transformations.transform_tf_call_ops_to_disable_grappler = disable
+
+
 _installed: Optional[tuple] = None  # () for the local worker, else (workers, tls) of the installed context
 
 
@@ -176,22 +211,13 @@ def install_context(workers: Sequence[str] = (), tls=None) -> int:
     key = (workers, tls) if workers else ()
     if _installed == key:
         return max(1, len(workers))
-    from tensorflow_federated.python.core.backends.native import compiler
     from tensorflow_federated.python.core.backends.native import execution_contexts
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
     from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
     from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
     from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 
-    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
-
-    def compile_fn(comp):
-        # TFF's C++ runtime cannot run the secure-sum intrinsics (--secure_aggregation): as TFF's test backend
-        # does, they become their own quantisation, clipping and modular arithmetic, without the cryptography.
-        # A computation without them is unchanged.
-        return compiler.desugar_and_transform_to_native(test_compiler.replace_secure_intrinsics_with_bodies(comp))
-
-    args = dict(compiler_fn=compile_fn,
+    args = dict(compiler_fn=compile_for_worker,
                 transform_args=tensorflow_computation.transform_args,
                 transform_result=tensorflow_computation.transform_result)
     if workers:

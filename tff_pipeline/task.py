@@ -81,7 +81,8 @@ class Task:
         (x, y) batches for that client's local training this round.
       build_model: () -> a fresh, uncompiled Keras model.
       loss: () -> the Keras loss.
-      metrics: () -> a list of fresh Keras metrics.
+      metrics: () -> a list of fresh Keras metrics of the clients' training batches in the rounds (the
+        operator-only ``train_*`` columns); held-out metrics are ``evaluate``'s.
       evaluate: Keras model -> Evaluation on the held-out sets: overall
         metrics and, for cross-silo tasks, a table of metrics per client.
       export: (Keras model, directory) -> writes a SavedModel there.
