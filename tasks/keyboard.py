@@ -361,7 +361,7 @@ def phrase_log_perplexity(model, prefix: list[int], secrets: np.ndarray, seq_len
 def train_metrics():
     """What each client's training batches report in a round (operator-only ``train_*`` columns): the token loss.
     The top-k accuracies are held-out metrics (``evaluate``). Scored on every training batch, they cost two
-    scans of the 10,000 logits of each of its 320 positions: a quarter of the round on 2 cores (README, "Speed")."""
+    scans of the 10,000 logits of each of its 320 positions: about a fifth of the round (README, "Speed")."""
     return [models.MaskedTokenLoss(PAD, name="token_loss")]
 
 

@@ -166,11 +166,11 @@ def compile_for_worker(comp):
 
     TFF runs Grappler once on each graph as it compiles (inlining every function), then marks every function
     call ``disable_meta_optimizer``; its worker's sessions run with the optimizer off. Our training loop (a
-    ``tf.function`` inside the shard computation) then ran as traced, unoptimised: a keyboard round took 1.27x
-    the same function called in Python, W1 about 1.2x. TFF does this because its sessions are short and
-    optimising them costs CPU (and inlining places datasets on CPU for GPU runs); ours are few, cached, run for
-    seconds on CPU. Here neither step runs, so each function is optimised by the worker when first
-    instantiated, as in Python: the keyboard round went to 1.03x the Python call (README, "Speed").
+    ``tf.function`` inside the shard computation) then ran as traced, unoptimised: a keyboard round took 1.18x
+    the same function called in Python. TFF does this because its sessions are short and optimising them
+    costs CPU (and inlining places datasets on CPU for GPU runs); ours are few, cached, and run for seconds on
+    CPU. Here neither step runs, so each function is optimised by the worker when first instantiated, as in
+    Python: the keyboard round went to 1.05x the Python call (README, "Speed").
 
     TFF's C++ runtime cannot run the secure-sum intrinsics (--secure_aggregation): as TFF's test backend does,
     they become their own quantisation, clipping and modular arithmetic, without the cryptography. A
