@@ -354,9 +354,10 @@ def _add_clipped_record(query, params, acc, zeroed, initial, trainable) -> None:
     zeros; it and one of norm zero are counted. One pass for the norm, none to copy a usable update."""
     import tensorflow as tf
 
+    from tff_pipeline import dp_fedavg
+
     delta = [a - v for a, v in zip(tf.nest.flatten(initial.trainable), trainable)]
-    norm = tf.linalg.global_norm(delta)
-    finite = tf.math.is_finite(norm)  # = dp_fedavg.is_usable_update(delta): a NaN or Inf entry makes it NaN or Inf
+    norm, finite = dp_fedavg.norm_and_usable(delta)
     zeroed.assign_add(tf.cast(tf.logical_or(tf.logical_not(finite), tf.equal(norm, 0.0)), tf.int32))
     delta = tf.cond(finite, lambda: delta, lambda: [tf.zeros_like(d) for d in delta])
     record = query.preprocess_record(params, tuple(delta))

@@ -111,10 +111,16 @@ def is_usable_update(leaves):
     finite update can still have a norm that overflows float32 (e.g. [3e19,
     3e19]); clipping it would give NaN, so it counts as unusable and is
     zeroed, a function of that client alone (the sensitivity is unchanged)."""
+    return norm_and_usable(leaves)[1]
+
+
+def norm_and_usable(leaves):
+    """(L2 norm of the update, ``is_usable_update``) in one pass: a NaN or Inf entry makes the norm NaN or Inf,
+    so the norm's finiteness is both conditions."""
     import tensorflow as tf
 
-    # A NaN or Inf entry makes the norm NaN or Inf, so the norm's finiteness is both conditions in one pass.
-    return tf.math.is_finite(tf.linalg.global_norm(leaves))
+    norm = tf.linalg.global_norm(leaves)
+    return norm, tf.math.is_finite(norm)
 
 
 def zero_non_finite(inner, secure: bool = False):
