@@ -11,7 +11,8 @@
   batches (the same steps and batch sizes as the clients'), already in memory
   as one pre-batched tensor ([steps, batch, ...], built untimed like the
   client datasets), trained by one traced loop (``tf.range`` over the steps)
-  with the same model, loss and SGD learning rate, no ``tf.data`` in the loop;
+  with the same model and trainable weights, loss, SGD update
+  (``cohort.apply_sgd``) and learning rate, no ``tf.data`` in the loop;
 * ``central_tfdata``: the same pass fed by a ``tf.data`` concatenation of
   the cohort's datasets (the bench's "central" until 2026-12-06), a second
   reference.
