@@ -86,15 +86,19 @@ def _print_slopes(results, variants) -> None:
 def _print_table(results) -> None:
     print()
     print(f"{'workload':9s} {'variant':10s} {'s/round':>8s} {'ex/s':>9s} {'x central':>9s} "
-          f"{'per-round ratio min/med/max':>28s} {'+MB build/rounds':>17s}  (peak RSS MB)")
+          f"{'per-round ratio min/med/max':>28s} {'with prepare':>15s} {'prepare s':>9s} {'+MB build/rounds':>17s}"
+          f"  (peak RSS MB)")
     for r in results:
         for v, m in r["variants"].items():
             ratio = m.get("ratio_to_central")
             sp = m.get("ratio_per_round_spread")
             spread = "" if sp is None else f"{sp['min']:.2f}/{sp['median']:.2f}/{sp['max']:.2f}"
+            wp = m.get("ratio_with_prepare_spread")
+            with_prepare = "" if wp is None else f"{wp['min']:.2f}/{wp['median']:.2f}/{wp['max']:.2f}"
             mg = m["memory_growth_mb"]
             print(f"{r['workload']:9s} {v:10s} {m['median_s_per_round']:8.3f} {m['examples_per_s']:9.0f} "
-                  f"{'' if ratio is None else f'{ratio:.2f}':>9s} {spread:>28s} "
+                  f"{'' if ratio is None else f'{ratio:.2f}':>9s} {spread:>28s} {with_prepare:>15s} "
+                  f"{m['prepare_s_per_round']:9.3f} "
                   f"{mg['build_mb']:8.0f}/{mg['rounds_mb']:<8.0f}")
         print(f"{r['workload']:9s} {'':10s} {'':8s} {'':9s} {'':9s}  {r['peak_rss_mb']:.0f}")
 

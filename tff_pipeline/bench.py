@@ -216,12 +216,12 @@ def _central_round(task, cfg: TrainConfig) -> Callable[[list], None]:
 
 
 class _CentralBatched:
-    """One pass of plain SGD over the round's batches as pre-batched tensors in one traced loop: the limit.
-    The same model, trainable weights, loss, update (``cohort.apply_sgd``), learning rate and batches as the
-    round, without its per-client work (reset, delta, clip, sum) and training metrics. ``prepare`` (untimed, as
-    the bench's client datasets are) stacks the cohort's batches, in client order and as the clients batch them
-    (the same steps and batch sizes as the round), padded to the largest: x [S, B, ...], with each step's size;
-    step i trains on x[i][:size_i]."""
+    """One pass of plain SGD over the round's batches as tensors in one traced loop: the limit. The same model,
+    trainable weights, loss, update (``cohort.apply_sgd``), learning rate and batches as the round, without its
+    per-client work (reset, delta, clip, sum) and training metrics. ``prepare`` (untimed, as the round's own)
+    reads the cohort's datasets into the tensors our round's shard gets (``cohort.shard_cohort``, one shard):
+    every batch's rows and each step's size, in client order and as the clients batch them; step i trains on
+    the next ``sizes[i]`` rows."""
 
     def __init__(self, task, cfg: TrainConfig):
         import tensorflow as tf
@@ -232,26 +232,21 @@ class _CentralBatched:
         step = _central_step(model, task.loss(), cohort.client_learning_rate(cfg))
 
         @tf.function(reduce_retracing=True)
-        def epoch(sizes, xs, ys):
+        def epoch(sizes, rows):
+            x, y = rows
+            begins = tf.cumsum(sizes, exclusive=True)
             for i in tf.range(tf.shape(sizes)[0]):
                 tf.autograph.experimental.set_loop_options(parallel_iterations=1)  # one step after another
-                step(xs[i][:sizes[i]], ys[i][:sizes[i]])
+                begin, end = begins[i], begins[i] + sizes[i]
+                step(tf.nest.map_structure(lambda t: t[begin:end], x), y[begin:end])
 
         self.epoch = epoch
 
     def prepare(self, datasets):
-        import tensorflow as tf
+        from tff_pipeline import cohort
 
-        batches = [b for ds in datasets for b in ds.as_numpy_iterator()]
-        width = max(len(x) for x, _ in batches)
-
-        def stack(part):
-            out = np.zeros((len(batches), width) + batches[0][part].shape[1:], batches[0][part].dtype)
-            for i, b in enumerate(batches):
-                out[i, :len(b[part])] = b[part]
-            return tf.constant(out)
-
-        return tf.constant([len(x) for x, _ in batches], tf.int32), stack(0), stack(1)
+        _, sizes, rows = cohort.shard_cohort(datasets, 1)[0]
+        return sizes, rows
 
     def __call__(self, prepared) -> None:
         self.epoch(*prepared)
@@ -280,13 +275,17 @@ def measure(w: Workload, variants=("pipeline", "tff_stock", "central"), rounds: 
            "rounds_measured": rounds, "variants": {}}
     mem = {v: {"build_mb": 0.0, "rounds_mb": 0.0} for v in variants}
     steps, build_s = _build_variants(w, pcfg, variants, num_workers, mem)
-    times, first, examples = _time_rounds(w, steps, cohorts, mem, log)
+    times, first, examples, prepare = _time_rounds(w, steps, cohorts, mem, log)
     out["peak_rss_mb"] = rss = _peak_rss_mb(os.getpid()) + sum(_peak_rss_mb(p.pid) for p in runtime._processes)
     ex = statistics.median(examples)
     for variant in variants:
         med = statistics.median(times[variant])
         out["variants"][variant] = {"median_s_per_round": med, "examples_per_s": ex / med,
                                     "build_s": build_s[variant], "first_round_s": first[variant],
+                                    # reading the cohort's datasets into the variant's input, outside the timing
+                                    # (the limit's and our round's pre-batched tensors; none for the others)
+                                    "prepare_s_per_round": statistics.median(prepare[variant]),
+                                    "prepare_s": prepare[variant],
                                     "s_per_round": times[variant], "s_per_round_spread": spread(times[variant]),
                                     # resident memory added while this variant was built, and while its rounds
                                     # ran (summed positive growth): the variants share one process
@@ -316,7 +315,7 @@ def _build_variants(w: Workload, pcfg, variants, num_workers: int, mem: dict):
                 process = cohort.build_process(w.task, w.cfg, pcfg)
             else:
                 process = dp_fedavg.build_per_client_process(w.task, w.cfg, pcfg, guard=variant == "per_client")
-            steps[variant] = _process_round(process, variant == "pipeline", num_workers)
+            steps[variant] = _ProcessRound(process, variant == "pipeline", num_workers)
         build_s[variant] = time.monotonic() - t0
         mem[variant]["build_mb"] = _rss_mb() - m0
     return {v: steps[v] for v in variants}, build_s
@@ -324,14 +323,19 @@ def _build_variants(w: Workload, pcfg, variants, num_workers: int, mem: dict):
 
 def _time_rounds(w: Workload, steps: dict, cohorts, mem: dict, log):
     """Runs every variant on each round's cohort in turn; round 0 is the warm-up (tracing)."""
-    times = {v: [] for v in steps}
+    times, prepare = {v: [] for v in steps}, {v: [] for v in steps}
     first, examples = {}, []
     for r, ids in enumerate(cohorts):
-        data = [w.task.client_dataset(int(i), r) for i in ids]
         if r:
-            examples.append(_count_examples(data))
+            examples.append(_count_examples([w.task.client_dataset(int(i), r) for i in ids]))
         for variant, step in steps.items():
+            # Each variant reads datasets made for it (untimed): a dataset's first read costs more than later
+            # ones (keyboard's 200 clients: about 0.75 s against 0.3 s), so no variant reads another's.
+            data = [w.task.client_dataset(int(i), r) for i in ids]
+            t = time.monotonic()
             feed = step.prepare(data) if hasattr(step, "prepare") else data  # untimed, like building ``data``
+            if r:
+                prepare[variant].append(time.monotonic() - t)
             m0, t = _rss_mb(), time.monotonic()
             step(feed)
             dt = time.monotonic() - t
@@ -342,7 +346,7 @@ def _time_rounds(w: Workload, steps: dict, cohorts, mem: dict, log):
                 first[variant] = dt
         log(f"{w.name:9s} round {r:3d} {len(ids):4d} clients  " +
             "  ".join(f"{v} {(times[v][-1] if r else first[v]):6.3f} s" for v in steps))
-    return times, first, examples
+    return times, first, examples, prepare
 
 
 def _add_ratios(variants: dict) -> None:
@@ -355,29 +359,48 @@ def _add_ratios(variants: dict) -> None:
         ratios = [a / b for a, b in zip(v["s_per_round"], variants["central"]["s_per_round"])]
         v["median_ratio_per_round"] = statistics.median(ratios)
         v["ratio_per_round_spread"] = spread(ratios)  # the target is held on its median
+        # the same with each side's untimed reading of the datasets (prepare) added: what a training run pays
+        c_all = [a + b for a, b in zip(variants["central"]["s_per_round"], variants["central"]["prepare_s"])]
+        ratios = [(a + b) / c for a, b, c in zip(v["s_per_round"], v["prepare_s"], c_all)]
+        v["median_ratio_with_prepare"] = statistics.median(ratios)
+        v["ratio_with_prepare_spread"] = spread(ratios)
 
 
 def _log_results(name: str, variants: dict, log) -> None:
     for v, m in variants.items():
         log(f"{name:9s} {v:10s} {m['median_s_per_round']:7.3f} s/round  {m['examples_per_s']:9.0f} ex/s  "
             f"build {m['build_s']:5.1f} s  first round {m['first_round_s']:6.2f} s" +
+            (f"  prepare {m['prepare_s_per_round']:.3f} s (untimed)" if m["prepare_s_per_round"] else "") +
             (f"  {m['ratio_to_central']:.2f}x central (round by round min/median/max "
              f"{m['ratio_per_round_spread']['min']:.2f}/{m['median_ratio_per_round']:.2f}/"
-             f"{m['ratio_per_round_spread']['max']:.2f}x)" if "ratio_to_central" in m else "")
+             f"{m['ratio_per_round_spread']['max']:.2f}x; with prepare "
+             f"{m['ratio_with_prepare_spread']['min']:.2f}/{m['median_ratio_with_prepare']:.2f}/"
+             f"{m['ratio_with_prepare_spread']['max']:.2f}x)" if "ratio_to_central" in m else "")
             + f"  memory +{m['memory_growth_mb']['build_mb']:.0f} MB build, +{m['memory_growth_mb']['rounds_mb']:.0f} MB rounds")
 
 
-def _process_round(process, sharded: bool, num_workers: int) -> Callable[[list], None]:
-    from tff_pipeline import cohort
+class _ProcessRound:
+    """A TFF process's round. Our cohort process (``sharded``) gets the cohort as ``cohort.shard_cohort``'s
+    pre-batched tensors, made in ``prepare`` (untimed, as the limit's ``_CentralBatched.prepare``; both read the
+    same datasets once, and the bench records how long each took); TFF's per-client processes get the datasets."""
 
-    state = [process.initialize()]
+    def __init__(self, process, sharded: bool, num_workers: int):
+        self.process, self.sharded, self.num_workers = process, sharded, num_workers
+        self.state = process.initialize()
+        if sharded:
+            self.prepare = self._shards
 
-    def run(datasets):
-        data = (cohort.shard_datasets(datasets, num_workers) if sharded else
-                [cohort.without_autotune(d) for d in datasets])  # every variant is fed alike
-        state[0] = process.next(state[0], data).state
+    def _shards(self, datasets):
+        from tff_pipeline import cohort
 
-    return run
+        return cohort.shard_cohort(datasets, self.num_workers)
+
+    def __call__(self, data) -> None:
+        from tff_pipeline import cohort
+
+        if not self.sharded:
+            data = [cohort.without_autotune(d) for d in data]  # every variant is fed alike
+        self.state = self.process.next(self.state, data).state
 
 
 def slope(points: list[tuple[float, float]]) -> tuple[float, float]:

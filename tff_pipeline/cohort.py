@@ -6,7 +6,8 @@ https://arxiv.org/abs/1710.06963; adaptive clipping of Andrew et al. 2021,
 https://arxiv.org/abs/1905.03871), run so that TFF's per-client cost goes:
 
 * The cohort is split into ``num_shards`` shards (one per TFF worker). A shard
-  is one CLIENTS-placed dataset of ``(client slot, batch)`` elements.
+  is one CLIENTS-placed structure of tensors: each step's client slot and
+  batch size, and the batches' rows (``shard_cohort``).
 * In one TF computation per shard, each client in turn starts from the
   broadcast model, trains locally (SGD, one pass over its own batches, as
   TFF's model-delta client work), and its delta is zeroed if it or its norm
@@ -42,8 +43,8 @@ from tff_pipeline.config import TrainConfig
 
 
 def without_autotune(ds):
-    """``ds`` with tf.data's autotuning off. With it on (TF 2.14's default), about one round in three of a
-    cohort's pass stalled for 5-10 s with every thread of the process asleep, in the worker and in plain Keras
+    """``ds`` with tf.data's autotuning off (every client dataset we read). With it on (TF 2.14's default), about
+    one round in three of a cohort's pass stalled for 5-10 s with every thread of the process asleep, in the worker and in plain Keras
     alike; our datasets have no parallel or prefetch stage for autotuning to size (README, "Speed")."""
     import tensorflow as tf
 
@@ -52,42 +53,85 @@ def without_autotune(ds):
     return ds.with_options(options)
 
 
-def shard_datasets(datasets, num_shards: int):
-    """The cohort's per-client datasets as ``num_shards`` shard datasets of
-    ``(slot, batch)``. Slot is the client's position in the cohort. Clients
-    stay whole and in order, and shard sizes differ by at most one client.
-    An empty cohort gives an empty list."""
+def shard_cohort(datasets, num_shards: int):
+    """The cohort's per-client datasets as ``num_shards`` shards of tensors, read here in one traced pass per
+    shard (README, "Speed": the worker's loop over tensors is faster than over a concatenation of datasets, and
+    a traced read costs half an eager one). A shard is ``(slots, sizes, rows)``: step i trains on the next
+    ``sizes[i]`` rows of ``rows`` (the task's element structure, its batches concatenated) for the client in
+    cohort position ``slots[i]``. Clients stay whole and in order, their batches as their datasets give them,
+    and shard sizes differ by at most one client. A client without data still sends a (zero) update, as in
+    TFF's per-client round: it gets one empty step (size 0). An empty cohort gives an empty list."""
     import tensorflow as tf
 
     n = len(datasets)
-    k = max(1, min(num_shards, n)) if n else 0
+    if not n:
+        return []
+    k = max(1, min(num_shards, n))
+    spec = datasets[0].element_spec
     counts = [_num_batches(d) for d in datasets]
-    # A client with no data still sends a (zero) update, as in TFF's per-client round: it gets one empty batch.
-    datasets = [d if c else tf.data.Dataset.from_tensors(_empty_batch(d.element_spec)) for d, c in zip(datasets, counts)]
+    datasets = [d if c else tf.data.Dataset.from_tensors(_empty_batch(spec)) for d, c in zip(datasets, counts)]
     counts = [max(c, 1) for c in counts]
     shards, start = [], 0
     for s in range(k):
         stop = start + (n - start) // (k - s)
-        # The slot of each batch is zipped on, not mapped: one map function per client would make the
-        # worker instantiate as many functions each round.
-        slots = np.repeat(np.arange(start, stop, dtype=np.int32), counts[start:stop])
         batches = datasets[start]
         for d in datasets[start + 1:stop]:
             batches = batches.concatenate(d)
-        shards.append(without_autotune(tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(slots), batches))))
+        sizes, rows = _read(without_autotune(batches))
+        slots = np.repeat(np.arange(start, stop, dtype=np.int32), counts[start:stop])
+        if len(slots) != len(sizes):
+            raise ValueError(f"the cohort's datasets gave {len(sizes)} batches where their cardinality says "
+                             f"{len(slots)}: a client dataset must give the same batches each time it is read")
+        shards.append((slots, sizes.numpy(), tf.nest.map_structure(lambda t: t.numpy(), rows)))
         start = stop
     return shards
 
 
 def empty_shards(element_spec):
-    """The shards of an empty cohort: one shard with no batches. The round
+    """The shards of an empty cohort: one shard with no steps. The round
     still runs: the sum of no records is zero, the server adds the noise and
     updates the clip, and the round is counted like any other."""
     import tensorflow as tf
 
-    slots = tf.data.Dataset.from_tensor_slices(np.zeros([0], np.int32))
-    batches = tf.data.Dataset.from_tensors(_empty_batch(element_spec)).take(0)
-    return [without_autotune(tf.data.Dataset.zip((slots, batches)))]
+    rows = tf.nest.map_structure(lambda t: t.numpy(), _empty_batch(element_spec))
+    return [(np.zeros([0], np.int32), np.zeros([0], np.int32), rows)]
+
+
+def shard_spec(element_spec):
+    """The TensorSpec structure of a shard (see ``shard_cohort``) for a task's batched ``element_spec``."""
+    import tensorflow as tf
+
+    return tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32), element_spec
+
+
+def _read(batches):
+    """(each batch's size, every batch's rows concatenated) of a dataset, in one traced pass."""
+    import tensorflow as tf
+
+    spec = batches.element_spec
+    key = repr(spec)
+    if key not in _READERS:
+        @tf.function
+        def read(ds):
+            sizes = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
+            parts = [tf.TensorArray(t.dtype, size=0, dynamic_size=True, infer_shape=False,
+                                    element_shape=tf.TensorShape([None]).concatenate(t.shape[1:]))
+                     for t in tf.nest.flatten(spec)]
+            i = tf.constant(0)
+            for batch in iter(ds):  # an iterator loop, not ReduceDataset
+                leaves = tf.nest.flatten(batch)
+                sizes = sizes.write(i, tf.shape(leaves[0])[0])
+                parts = [p.write(i, leaf) for p, leaf in zip(parts, leaves)]
+                i += 1
+            empty = [tf.zeros([0] + [d or 0 for d in t.shape.as_list()[1:]], t.dtype) for t in tf.nest.flatten(spec)]
+            rows = [tf.cond(i > 0, lambda p=p: p.concat(), lambda e=e: e) for p, e in zip(parts, empty)]
+            return sizes.stack(), tf.nest.pack_sequence_as(spec, rows)
+
+        _READERS[key] = read
+    return _READERS[key](batches)
+
+
+_READERS = {}  # element spec -> the traced reader of datasets with it
 
 
 def _num_batches(ds) -> int:
@@ -109,7 +153,7 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     """The learning process of a client-level mechanism for ``task``: its DP
     query is ``mech.make_query(record specs)`` (TFF's ``gaussian_adaptive``
     for DP-FedAvg, ``tree_aggregation`` for DP-FTRL). ``next(state, shards)``
-    takes ``shard_datasets(client datasets, n)`` for any n ≥ 1.
+    takes ``shard_cohort(client datasets, n)`` for any n ≥ 1.
 
     ``restartable``: the process also gets ``restart_tree(state, seeds)``,
     which restarts DP-FTRL's noise tree with the given noise seeds."""
@@ -130,7 +174,7 @@ def build_process(task, cfg: TrainConfig, mech, restartable: bool = False):
     # FedAtt: each shard is one client whose raw (unclipped, non-finite zeroed) update the attentive
     # aggregation weighs; the sum query only carries the update out of the shard.
     query = _plain_sum_query() if attentive else mech.make_query(trainable_spec)
-    shard_type = tff.SequenceType(tff.types.tensorflow_to_type((tf.TensorSpec([], tf.int32), input_spec)))
+    shard_type = tff.types.tensorflow_to_type(shard_spec(input_spec))
 
     @tff.tensorflow.computation
     def initial_weights():
@@ -383,6 +427,7 @@ def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
 
     @tf.function  # automatic control dependencies: every assignment runs, in program order
     def shard_update(initial, params, shard):
+        slots, sizes, rows = shard
         for v in tf.nest.flatten(acc):
             v.assign(tf.zeros_like(v))
         current.assign(-1)
@@ -398,15 +443,17 @@ def _make_shard_update(model_fn, loss, query, trainable_spec, lr: float):
             _add_clipped_record(query, params, acc, zeroed, initial, trainable)
 
         # tf.not_equal, not !=: inside a TFF computation's graph, != on tensors is Python identity.
-        # iter(): AutoGraph turns `for ... in shard` into a ReduceDataset op, which instantiates (and optimises)
-        # its whole body, the model's training step included, on every call: about 0.2 s per shard on the
-        # medical model. An iterator and a while loop cost that once per trace (README, "Speed").
-        for slot, batch in iter(shard):
-            if tf.not_equal(slot, current.read_value()):
+        # One traced while loop over the shard's tensors, one step after another (README, "Speed").
+        begins = tf.cumsum(sizes, exclusive=True)
+        for i in tf.range(tf.shape(slots)[0]):
+            tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+            if tf.not_equal(slots[i], current.read_value()):
                 if tf.greater_equal(current.read_value(), 0):
                     finish_client()
-                start_client(slot)
-            _sgd_step(keras_model, loss_fn, metrics, trainable, batch, lr)
+                start_client(slots[i])
+            begin, end = begins[i], begins[i] + sizes[i]
+            _sgd_step(keras_model, loss_fn, metrics, trainable,
+                      tf.nest.map_structure(lambda t: t[begin:end], rows), lr)
         if tf.greater_equal(current.read_value(), 0):
             finish_client()
         return (tf.nest.map_structure(tf.identity, acc), model.report_local_unfinalized_metrics(),

@@ -104,7 +104,7 @@ class Run:
         # The cohort as one shard per worker; an empty cohort is still a round (noise only, counted). With secure
         # aggregation or FedAtt one shard per client: a shard sums its clients in plaintext.
         shards = len(data) if getattr(self.mech, "one_client_per_shard", False) else self.num_workers
-        return cohort.shard_datasets(data, shards) or cohort.empty_shards(self.task.element_spec)
+        return cohort.shard_cohort(data, shards) or cohort.empty_shards(self.task.element_spec)
 
 
 def _print(line: str) -> None:
