@@ -36,6 +36,7 @@ client work no view of aggregator state.
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 
@@ -105,33 +106,33 @@ def shard_spec(element_spec):
 
 
 def _read(batches):
-    """(each batch's size, every batch's rows concatenated) of a dataset, in one traced pass."""
+    """(each batch's size, every batch's rows concatenated) of a dataset, in one traced pass (traced once per
+    element structure: ``tf.function`` keys its traces on the dataset's spec)."""
+    return _traced_read()(batches)
+
+
+@functools.cache
+def _traced_read():
     import tensorflow as tf
 
-    spec = batches.element_spec
-    key = repr(spec)
-    if key not in _READERS:
-        @tf.function
-        def read(ds):
-            sizes = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
-            parts = [tf.TensorArray(t.dtype, size=0, dynamic_size=True, infer_shape=False,
-                                    element_shape=tf.TensorShape([None]).concatenate(t.shape[1:]))
-                     for t in tf.nest.flatten(spec)]
-            i = tf.constant(0)
-            for batch in iter(ds):  # an iterator loop, not ReduceDataset
-                leaves = tf.nest.flatten(batch)
-                sizes = sizes.write(i, tf.shape(leaves[0])[0])
-                parts = [p.write(i, leaf) for p, leaf in zip(parts, leaves)]
-                i += 1
-            empty = [tf.zeros([0] + [d or 0 for d in t.shape.as_list()[1:]], t.dtype) for t in tf.nest.flatten(spec)]
-            rows = [tf.cond(i > 0, lambda p=p: p.concat(), lambda e=e: e) for p, e in zip(parts, empty)]
-            return sizes.stack(), tf.nest.pack_sequence_as(spec, rows)
+    @tf.function
+    def read(ds):
+        spec = tf.nest.flatten(ds.element_spec)
+        sizes = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
+        parts = [tf.TensorArray(t.dtype, size=0, dynamic_size=True, infer_shape=False,
+                                element_shape=tf.TensorShape([None]).concatenate(t.shape[1:])) for t in spec]
+        i = tf.constant(0)
+        for batch in iter(ds):  # an iterator loop, not ReduceDataset
+            leaves = tf.nest.flatten(batch)
+            sizes = sizes.write(i, tf.shape(leaves[0])[0])
+            parts = [p.write(i, leaf) for p, leaf in zip(parts, leaves)]
+            i += 1
+        # concat() of a TensorArray that was never written fails: an empty shard gives empty rows instead
+        empty = [tf.zeros([0] + [d or 0 for d in t.shape.as_list()[1:]], t.dtype) for t in spec]
+        rows = [tf.cond(i > 0, lambda p=p: p.concat(), lambda e=e: e) for p, e in zip(parts, empty)]
+        return sizes.stack(), tf.nest.pack_sequence_as(ds.element_spec, rows)
 
-        _READERS[key] = read
-    return _READERS[key](batches)
-
-
-_READERS = {}  # element spec -> the traced reader of datasets with it
+    return read
 
 
 def _num_batches(ds) -> int:
