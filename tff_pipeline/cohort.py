@@ -45,8 +45,9 @@ from tff_pipeline.config import TrainConfig
 
 def without_autotune(ds):
     """``ds`` with tf.data's autotuning off (every client dataset we read). With it on (TF 2.14's default), about
-    one round in three of a cohort's pass stalled for 5-10 s with every thread of the process asleep, in the worker and in plain Keras
-    alike; our datasets have no parallel or prefetch stage for autotuning to size (README, "Speed")."""
+    one round in three of a cohort's pass stalled for 5-10 s with every thread of the process asleep, in the worker
+    and in plain Keras alike; our datasets have no parallel or prefetch stage for autotuning to size (README,
+    "Speed")."""
     import tensorflow as tf
 
     options = tf.data.Options()
