@@ -74,6 +74,22 @@ def test_shards_keep_clients_whole_in_order_and_give_empty_clients_one_empty_bat
     assert spec[2][0]["w"].shape.as_list() == [None] and spec[2][1].dtype == tf.float64
 
 
+def test_shards_are_read_with_tf_data_autotuning_off(monkeypatch):
+    """Every shard is read through cohort.without_autotune (README, "Speed": with autotuning on, about one
+    round in three stalled for 5-10 s)."""
+    import tensorflow as tf
+
+    from tff_pipeline import cohort
+
+    seen = []
+    real = cohort._read
+    monkeypatch.setattr(cohort, "_read", lambda ds: seen.append(ds.options().autotune.enabled) or real(ds))
+    datasets = [tf.data.Dataset.from_tensor_slices(np.ones((n, 2), np.float32)).batch(2) for n in (3, 2, 4)]
+    assert datasets[0].options().autotune.enabled is not False  # TF's default: on
+    assert len(cohort.shard_cohort(datasets, 2)) == 2
+    assert seen == [False, False]
+
+
 def test_cohort_round_equals_tff_per_client_round_without_noise(small):
     """Noise off, so the rounds are deterministic: four rounds of TFF's own
     build_unweighted_fed_avg + gaussian_adaptive and of ours (the cohort split
