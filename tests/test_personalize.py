@@ -214,3 +214,20 @@ def test_keyboard_personalizes_a_fixed_draw_of_seen_users(keyboard_task):
     assert all(np.isfinite(v) for v in res["personalized_metrics"]["top1_accuracy"])
     assert set(personalize.to_columns(res)[res["clients"][0]]) == {
         f"{pre}{m}" for pre in ("", "personalized_", "personal_gain_") for m in ("top1_accuracy", "top3_accuracy")}
+
+
+def test_medical_site_effect_diagnostic_reports_every_model_per_hospital():
+    """scripts/medical_site_effect.py (README, why medical misses the 3-of-4 bar): on one split, a row per model
+    with an accuracy per hospital, and how many hospitals beat the pooled model; a bad flag is one line."""
+    p = run_script("medical_site_effect.py", "--splits=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in p.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert set(rows) >= {"pooled", "pooled+site", "local", "site bias"}
+    for name in ("pooled", "pooled+site", "local", "site bias"):
+        accs = [float(v) for v in rows[name][:4]]
+        assert all(0.6 < a <= 1.0 for a in accs), (name, accs)
+    for name in ("pooled+site", "local", "site bias"):
+        assert 0 <= int(rows[name][5]) <= 4 and rows[name][6].endswith("of 1")
+    bad = run_script("medical_site_effect.py", "--splits=0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --splits=0")
