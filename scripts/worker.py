@@ -1,7 +1,7 @@
 """Runs one TFF worker service (TFF's own worker_binary) in the foreground, for
 `scripts/train.py --workers=HOST:PORT,...` on another machine.
 
-  python scripts/worker.py --port=8000        # Ctrl-C stops it
+  python scripts/worker.py --port=8000        # Ctrl-C stops it; kill -USR1 <pid> prints its threads' stacks
 
 Plain: the worker listens on every interface, without TLS or authentication:
 it receives the model and the clients' data, so run it only on a private
@@ -59,8 +59,11 @@ def main(argv):
     if not all(tls_flags):
         raise cli.UserError("mutual TLS needs all three of --tls_cert, --tls_key and --tls_client_ca")
     import asyncio
+    import faulthandler
 
     from tff_pipeline import tls
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a worker that seems stuck: where every thread is
 
     ctx = tls.server_context(FLAGS.tls_cert, FLAGS.tls_key, FLAGS.tls_client_ca)
     if FLAGS.internal_port == FLAGS.port:

@@ -98,13 +98,31 @@ def tls_workers(tmp_path_factory):
     finally:
         for p in procs:
             p.send_signal(signal.SIGINT)
+        stuck = []
         for p in procs:
             try:  # communicate, not wait: it drains the pipes, which a worker blocked on a full one cannot
                 p.communicate(timeout=60)
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+                stuck.append(_stuck_report(p))
+    assert all(p.returncode == 0 for p in procs), ([p.returncode for p in procs], stuck)
+
+
+def _stuck_report(p):
+    """What a worker that did not stop within 60 s of SIGINT was doing (it has stopped only in some full-suite
+    runs, never alone): its kernel state and signal masks, then every thread's Python stack (scripts/worker.py
+    dumps them on SIGUSR1); then it is killed."""
+    try:
+        with open(f"/proc/{p.pid}/status") as f:
+            state = [line for line in f.read().splitlines() if line.startswith(("State", "Sig", "ShdPnd", "Threads"))]
+    except OSError as e:
+        state = [f"/proc/{p.pid}/status: {e}"]
+    p.send_signal(signal.SIGUSR1)
+    try:
+        out, err = p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    return {"pid": p.pid, "status": state, "stderr_tail": (err or "")[-4000:]}
 
 
 def _tls(pki, coordinator="coordinator", ca="ca"):
