@@ -4,7 +4,6 @@ wrapper that turns user mistakes into one-line errors with exit code 2."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from absl import app, flags, logging
@@ -44,10 +43,6 @@ def main(fn, needs_tensorflow: bool = True) -> None:
     tensors and fails ("'SymbolicTensor' object has no attribute 'node'").
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # A process inherits its parent thread's signal mask. Started from a thread that blocks SIGINT/SIGTERM (seen
-    # in the test suite: a TLS worker whose SIGINT stayed pending), a script would ignore Ctrl-C and stop
-    # requests for ever; every script here acts on them (a round's clean stop, a worker's exit), so unblock them.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if needs_tensorflow:
         import tensorflow as tf
 
