@@ -3,6 +3,7 @@ session; the session ends by proving that no TFF worker process is left."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,10 +64,15 @@ def run_script(script, *args, timeout=600, env=None):
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def start_script(script, *args, env=None):
-    """scripts/<script> started in the background with piped output; finish() waits for it."""
+def start_script(script, *args, env=None, sigint_default=False):
+    """scripts/<script> started in the background with piped output; finish() waits for it. ``sigint_default``:
+    the child starts with SIGINT at its default disposition, as under a terminal's Ctrl-C, whatever this process
+    inherited (a `make test` started in the background by a shell without job control ignores SIGINT, and so
+    would every child, which a Python script then never sees)."""
+    reset = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint_default else None
     return subprocess.Popen([PY, os.path.join(ROOT, "scripts", script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                            preexec_fn=reset)
 
 
 def finish(proc, timeout=600):
