@@ -119,10 +119,10 @@ def _stuck_report(p):
         state = [f"/proc/{p.pid}/status: {e}"]
     p.send_signal(signal.SIGUSR1)
     try:
-        out, err = p.communicate(timeout=5)
+        _, err = p.communicate(timeout=5)
     except subprocess.TimeoutExpired:
         p.kill()
-        out, err = p.communicate()
+        _, err = p.communicate()
     return {"pid": p.pid, "status": state, "stderr_tail": (err or "")[-4000:]}
 
 
